@@ -1,0 +1,354 @@
+"""
+Data and the run plumbing that every stage shares.
+
+  - Shapes: the built-in dataset. Ten classes of procedurally drawn shapes on textured backgrounds,
+    deterministic from (seed, split, index), any resolution, no download. `--data shapes` everywhere.
+  - ImageFolder: ImageNet layout (one sub-folder per class) or a flat folder of images (no labels).
+  - The two transforms of the SPEC: the autoencoder's (short side resize, random crop, no flip) and
+    the diffusion stage's (ADM centre crop, random flip). Pixels come out in [-1, 1].
+  - setup()/cleanup(), make_loader(), save_checkpoint()/load_checkpoint(): device and DDP setup, the
+    DDP-aware loader and atomic checkpoints, written once here and imported by ae.py and diffusion.py.
+
+Look at the built-in data:  python data.py --out shapes.png
+"""
+import argparse
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFile
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent", "arrow", "heart")
+SPLIT_IDS = {"train": 0, "val": 1}
+
+# -----------------------------------------------------------------------------
+# the built-in dataset
+
+
+def _polygon(cx, cy, r, n, angle, inner=None):
+    """Regular n-gon (or n-pointed star when inner is a radius ratio) centred at (cx, cy)."""
+    k = 2 * n if inner else n
+    return [(cx + r * (inner if inner and i % 2 else 1) * math.cos(angle + 2 * math.pi * i / k),
+             cy + r * (inner if inner and i % 2 else 1) * math.sin(angle + 2 * math.pi * i / k)) for i in range(k)]
+
+
+def _rotate(points, cx, cy, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + c * (x - cx) - s * (y - cy), cy + s * (x - cx) + c * (y - cy)) for x, y in points]
+
+
+def draw_shape(draw, label, cx, cy, r, angle, fill, back):
+    """Draw class `label` of SHAPE_CLASSES; `back` is used to cut holes (ring, crescent)."""
+    box = [cx - r, cy - r, cx + r, cy + r]
+    name = SHAPE_CLASSES[label]
+    if name == "circle":
+        draw.ellipse(box, fill=fill)
+    elif name == "square":
+        draw.polygon(_polygon(cx, cy, r, 4, angle), fill=fill)
+    elif name == "triangle":
+        draw.polygon(_polygon(cx, cy, r, 3, angle), fill=fill)
+    elif name == "star":
+        draw.polygon(_polygon(cx, cy, r, 5, angle, inner=0.45), fill=fill)
+    elif name == "hexagon":
+        draw.polygon(_polygon(cx, cy, r, 6, angle), fill=fill)
+    elif name == "cross":
+        w = r * 0.35
+        for pts in ([(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
+                    [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)]):
+            draw.polygon(_rotate(pts, cx, cy, angle), fill=fill)
+    elif name == "ring":
+        draw.ellipse(box, fill=fill)
+        draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=back)
+    elif name == "crescent":
+        draw.ellipse(box, fill=fill)
+        ox, oy = cx + 0.45 * r * math.cos(angle), cy + 0.45 * r * math.sin(angle)
+        draw.ellipse([ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r], fill=back)
+    elif name == "arrow":
+        pts = [(cx - r, cy - 0.25 * r), (cx + 0.1 * r, cy - 0.25 * r), (cx + 0.1 * r, cy - 0.7 * r), (cx + r, cy),
+               (cx + 0.1 * r, cy + 0.7 * r), (cx + 0.1 * r, cy + 0.25 * r), (cx - r, cy + 0.25 * r)]
+        draw.polygon(_rotate(pts, cx, cy, angle), fill=fill)
+    elif name == "heart":
+        lobe = 0.5 * r
+        pts = [(cx - r, cy - 0.1 * r), (cx, cy + r), (cx + r, cy - 0.1 * r), (cx, cy - 0.3 * r)]
+        draw.polygon(_rotate(pts, cx, cy, angle), fill=fill)
+        for sx in (-1, 1):
+            lx, ly = _rotate([(cx + sx * lobe, cy - 0.35 * r)], cx, cy, angle)[0]
+            draw.ellipse([lx - lobe * 1.05, ly - lobe * 1.05, lx + lobe * 1.05, ly + lobe * 1.05], fill=fill)
+
+
+def render_shape(label, size, rng):
+    """One image: a textured background (gradient x stripes or checks) and one or two shapes of the class."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    theta = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(theta) * xx + np.sin(theta) * yy + 1.5) / 3
+    freq, phase = rng.uniform(2, 10), rng.uniform(0, 2 * np.pi)
+    u = np.cos(theta + 1.3) * xx + np.sin(theta + 1.3) * yy
+    if rng.random() < 0.5:
+        texture = np.sin(2 * np.pi * freq * u + phase)
+    else:
+        texture = np.sign(np.sin(2 * np.pi * freq * xx + phase) * np.sin(2 * np.pi * freq * yy))
+    back = c0 * ramp[..., None] + c1 * (1 - ramp[..., None]) + rng.uniform(10, 40) * texture[..., None]
+    img = Image.fromarray(np.clip(back, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(1 + int(rng.random() < 0.25)):
+        r = size * rng.uniform(0.16, 0.32)
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        fill = tuple(int(v) for v in rng.uniform(0, 255, 3))
+        hole = tuple(int(v) for v in back[int(cy) % size, int(cx) % size])
+        draw_shape(draw, label, cx, cy, r, rng.uniform(0, 2 * np.pi), fill, hole)
+    return img
+
+
+class Shapes(Dataset):
+    """Built-in class-conditional data: image i of a split is a pure function of (seed, split, i)."""
+
+    num_classes = len(SHAPE_CLASSES)
+
+    def __init__(self, split="train", size=256, length=None, seed=0, flip=False):
+        assert split in SPLIT_IDS, f"split must be one of {list(SPLIT_IDS)}"
+        self.split, self.size, self.seed, self.flip = split, size, seed, flip
+        self.length = length or (50_000 if split == "train" else 10_000)
+        self.skipped = torch.zeros(1, dtype=torch.int64)  # same interface as ImageFolder
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
+        label = index % self.num_classes  # class-balanced
+        img = to_tensor(render_shape(label, self.size, rng))
+        if self.flip and torch.rand(()) < 0.5:  # draws from torch's per-worker seed, like any transform
+            img = img.flip(-1)
+        return img, label
+
+
+# -----------------------------------------------------------------------------
+# image folders
+
+
+def to_tensor(img):
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div(127.5).sub(1)
+
+
+def to_rgb(img):
+    """Any PIL mode -> 8-bit RGB. 16/32-bit grayscale is rescaled, not clipped (PIL's convert clips)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr / (65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0) * 255.0
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img) * 255 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def resize_crop(img, size, train):
+    """Autoencoder transform (SPEC 1): resize the short side to `size`, random crop (centre when not
+    training), no flip."""
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    if train:
+        left, top = np.random.randint(0, w - size + 1), np.random.randint(0, h - size + 1)
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def adm_center_crop(img, size):
+    """ADM's centre crop (SPEC 2): halve with a box filter while the short side >= 2*size, then bicubic
+    resize of the short side to `size`, then centre crop."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFolder(Dataset):
+    """root/<class>/<image> (ImageNet layout, sorted class names -> ids) or root/<image> (label 0, unconditional).
+    Unreadable files are skipped: the next index is served instead and the miss is counted in
+    `self.skipped` (shared memory, so DataLoader workers add to the same counter)."""
+
+    def __init__(self, root, size=256, stage="ae", train=True):
+        if not os.path.isdir(root):
+            raise SystemExit(f"data: folder '{root}' does not exist; pass --data shapes for the built-in data")
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        if classes:
+            self.files = [(os.path.join(dp, f), i) for i, c in enumerate(classes)
+                          for dp, _, fs in sorted(os.walk(os.path.join(root, c))) for f in sorted(fs)]
+        else:
+            self.files = [(e.path, 0) for e in entries if e.is_file()]
+        self.classes = classes or ["(unlabelled)"]
+        self.num_classes = len(self.classes)
+        n_all = len(self.files)
+        self.files = [(p, y) for p, y in self.files if p.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.files:
+            raise SystemExit(f"data: no image files ({', '.join(IMAGE_EXTENSIONS)}) in '{root}'")
+        self.size, self.stage, self.train = size, stage, train
+        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.skipped += n_all - len(self.files)  # files with other extensions count as skipped too
+        for path, _ in self.files:  # fail at start, not mid-run, when nothing at all can be read
+            if self._load(path) is not None:
+                break
+        else:
+            raise SystemExit(f"data: none of the {len(self.files)} image files in '{root}' can be read")
+
+    def __len__(self):
+        return len(self.files)
+
+    def _load(self, path):
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+
+    def __getitem__(self, index):
+        for k in range(len(self.files)):
+            path, label = self.files[(index + k) % len(self.files)]
+            img = self._load(path)
+            if img is not None:
+                break
+            self.skipped += 1
+        if self.stage == "ae":
+            img = resize_crop(img, self.size, self.train)
+        else:
+            img = adm_center_crop(img, self.size)
+            if self.train and np.random.rand() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(img), label
+
+
+def build_dataset(data, size, stage, train=True, seed=0):
+    """`data` is 'shapes' (built-in) or a folder. stage 'ae' = resize + random crop, no flip;
+    stage 'diffusion' = ADM centre crop + random flip. train=False gives the held-out split for
+    shapes and deterministic crops without flips for folders."""
+    if data == "shapes":
+        return Shapes("train" if train else "val", size=size, seed=seed, flip=(stage == "diffusion" and train))
+    return ImageFolder(data, size=size, stage=stage, train=train)
+
+
+# -----------------------------------------------------------------------------
+# the run plumbing
+
+
+def setup(seed=0):
+    """DDP when torchrun launched us (NCCL on CUDA, gloo on CPU), else one process on cuda > mps > cpu.
+    Returns a dict: ddp, rank, local_rank, world_size, device, master."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if ddp and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif ddp:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: what the paper's "fp32" runs used
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    return dict(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world, device=device, master=rank == 0)
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autocast(device, bf16):
+    """bf16 autocast on CUDA and on CPU (~2x there), nothing otherwise."""
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def grad_accum_steps(global_batch, device_batch, world_size):
+    """The global batch is the hyper-parameter: the same flags give the same run on 1 or 8 processes."""
+    per_step = device_batch * world_size
+    if global_batch % per_step:
+        raise SystemExit(f"--batch-size {global_batch} is not a multiple of --device-batch {device_batch} x "
+                         f"{world_size} processes; change one of them")
+    return global_batch // per_step
+
+
+def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, num_workers=None):
+    """DataLoader with a DistributedSampler under DDP (set_epoch is called by `batches`)."""
+    if len(dataset) < batch_size and drop_last:
+        raise SystemExit(f"data: {len(dataset)} images is fewer than one batch of {batch_size}")
+    sampler = None
+    if dist.is_available() and dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    generator = torch.Generator().manual_seed(seed)
+    if num_workers is None:
+        num_workers = min(8, max(0, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
+                      drop_last=drop_last, num_workers=num_workers, generator=generator,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+
+
+def batches(loader, start_epoch=0):
+    """Endless (epoch, images, labels) stream; reports skipped unreadable files once per epoch."""
+    epoch = start_epoch
+    while True:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        for images, labels in loader:
+            yield epoch, images, labels
+        skipped = int(loader.dataset.skipped.item())
+        if skipped:
+            print0(f"data: epoch {epoch}: skipped {skipped} unreadable or non-image files so far")
+        epoch += 1
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file then rename, so a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Plain-dict checkpoints load with weights_only=True; a missing or corrupt file is one clear line."""
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"{what} '{path}' not found; train one first or pass the right path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise SystemExit(f"{what} '{path}' cannot be read ({type(e).__name__}): is it a complete checkpoint?")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write a grid of the built-in Shapes data.")
+    parser.add_argument("--out", default="shapes.png", help="output PNG")
+    parser.add_argument("--size", type=int, default=128, help="image resolution")
+    parser.add_argument("--split", default="train", choices=list(SPLIT_IDS), help="which split")
+    args = parser.parse_args()
+    ds = Shapes(args.split, size=args.size)
+    imgs = torch.stack([ds[i][0] for i in range(40)])  # 4 rows of the 10 classes
+    grid = imgs.view(4, 10, 3, args.size, args.size).permute(0, 3, 1, 4, 2).reshape(4 * args.size, 10 * args.size, 3)
+    Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().numpy()).save(args.out)
+    print(f"wrote {args.out}: columns are {', '.join(SHAPE_CLASSES)}")
