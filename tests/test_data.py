@@ -1,0 +1,136 @@
+"""data.py: the built-in dataset, image folders with bad input, transforms, loader and checkpoints."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def test_shapes_deterministic_balanced_and_split():
+    a, b = data.Shapes("train", size=48), data.Shapes("train", size=48)
+    x0, y0 = a[7]
+    x1, y1 = b[7]
+    assert torch.equal(x0, x1) and y0 == y1 == 7  # a pure function of (seed, split, index)
+    assert x0.shape == (3, 48, 48) and x0.min() >= -1 and x0.max() <= 1
+    assert not torch.equal(data.Shapes("val", size=48)[7][0], x0)  # held-out split differs
+    assert not torch.equal(data.Shapes("train", size=48, seed=1)[7][0], x0)
+    assert sorted(a[i][1] for i in range(20)) == sorted(list(range(10)) * 2)
+    assert data.Shapes("train", size=97)[3][0].shape == (3, 97, 97)  # any resolution
+
+
+def test_shapes_classes_are_learnable():
+    """A small CNN learns the classes in seconds and generalises to the held-out split: the classes differ
+    in shape (whatever the colours, positions and backgrounds), so a bad generative model is visibly bad."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    train, val = data.Shapes("train", size=32, length=3000), data.Shapes("val", size=32, length=300)
+    xs, ys = torch.stack([train[i][0] for i in range(3000)]), torch.arange(3000) % 10
+    xv, yv = torch.stack([val[i][0] for i in range(300)]), torch.arange(300) % 10
+    assert [train[i][1] for i in range(20)] == ys[:20].tolist()
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(32, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(64, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+                        nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(400):
+        idx = torch.randint(0, len(xs), (64,))
+        loss = nn.functional.cross_entropy(net(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    acc = (net.eval()(xv).argmax(1) == yv).float().mean().item()
+    print(f"held-out accuracy {acc:.2f}")  # 0.64 when written
+    assert acc > 0.4, acc  # chance is 0.1
+    assert xs.std() > 0.3  # varied colours
+
+
+def _write(path, img, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, fmt)
+
+
+def make_folder(root):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    _write(f"{root}/cat/rgb.png", rgb)
+    _write(f"{root}/cat/gray.png", rgb.convert("L"))
+    _write(f"{root}/cat/rgba.png", rgb.convert("RGBA"))
+    _write(f"{root}/dog/palette.png", rgb.convert("P"))
+    _write(f"{root}/dog/cmyk.jpg", rgb.convert("CMYK"))
+    _write(f"{root}/dog/deep.png", Image.fromarray(rng.integers(0, 65536, (50, 50), dtype=np.uint16)))
+    with open(f"{root}/dog/corrupt.jpg", "wb") as f:
+        f.write(b"not an image at all")
+    full = open(f"{root}/cat/rgb.png", "rb").read()
+    with open(f"{root}/dog/truncated.png", "wb") as f:
+        f.write(full[: len(full) // 2])
+    with open(f"{root}/dog/notes.txt", "w") as f:
+        f.write("a stray file")
+
+
+def test_image_folder_modes_and_bad_files(tmp_path):
+    root = str(tmp_path / "imgs")
+    make_folder(root)
+    ds = data.ImageFolder(root, size=32, stage="ae")
+    assert ds.classes == ["cat", "dog"] and ds.num_classes == 2
+    assert int(ds.skipped) == 1  # notes.txt
+    items = [ds[i] for i in range(len(ds))]
+    assert all(x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 for x, _ in items)
+    assert int(ds.skipped) == 3  # + corrupt.jpg and truncated.png, served by their neighbours
+    assert [y for _, y in items].count(0) >= 3
+    # 16-bit grayscale is rescaled, not clipped to white
+    deep = data.to_rgb(Image.open(f"{root}/dog/deep.png"))
+    assert deep.mode == "RGB" and 100 < np.asarray(deep).mean() < 155
+
+
+def test_image_folder_flat_and_transforms(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        _write(str(tmp_path / f"flat/{i}.png"), Image.fromarray(rng.integers(0, 256, (600, 520, 3), dtype=np.uint8)))
+    ds = data.ImageFolder(str(tmp_path / "flat"), size=64, stage="diffusion", train=False)
+    assert ds.num_classes == 1 and ds[0][1] == 0
+    x, _ = ds[0]
+    assert x.shape == (3, 64, 64)
+    img = Image.open(tmp_path / "flat/0.png")
+    assert data.adm_center_crop(img, 256).size == (256, 256)  # 520 -> box 260 -> bicubic 256
+    assert data.resize_crop(img, 100, train=True).size == (100, 100)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unreadable"])
+def test_bad_folders_stop_at_start(tmp_path, case):
+    root = tmp_path / "d"
+    if case != "missing":
+        (root / "a").mkdir(parents=True)
+    if case == "unreadable":
+        (root / "a" / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="does not exist|no image files|can be read"):
+        data.ImageFolder(str(root), size=32)
+
+
+def test_loader_batches_and_accum():
+    ds = data.Shapes("train", size=16, length=20)
+    loader = data.make_loader(ds, batch_size=8, num_workers=0)
+    stream = data.batches(loader)
+    epochs = [next(stream)[0] for _ in range(5)]
+    assert epochs == [0, 0, 1, 1, 2]  # drop_last: 2 batches per epoch of 20
+    assert data.grad_accum_steps(256, 16, 8) == 2
+    with pytest.raises(SystemExit, match="multiple"):
+        data.grad_accum_steps(256, 24, 1)
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        data.make_loader(ds, batch_size=32)
+
+
+def test_checkpoint_atomic_roundtrip_and_errors(tmp_path):
+    path = str(tmp_path / "ck" / "a.pt")
+    data.save_checkpoint({"model": {"w": torch.ones(2)}, "step": 3, "config": {"a": [1, 2]}}, path)
+    assert os.listdir(tmp_path / "ck") == ["a.pt"]  # no temporary left behind
+    ck = data.load_checkpoint(path)
+    assert ck["step"] == 3 and torch.equal(ck["model"]["w"], torch.ones(2))
+    with pytest.raises(SystemExit, match="not found"):
+        data.load_checkpoint(str(tmp_path / "nope.pt"))
+    with open(path, "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(SystemExit, match="cannot be read"):
+        data.load_checkpoint(path)
