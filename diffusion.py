@@ -1,0 +1,488 @@
+"""
+The diffusion stage of SVG (SPEC 2): a DiT/SiT with patch size 1 trained by flow matching on the latents
+of the frozen autoencoder from ae.py, plus the flow math (time warp, loss, time grid, sampler with CFG)
+that sample.py and fid.py import from here.
+
+CPU, tiny (minutes):     python diffusion.py --size tiny                      (needs out/ae/ae.pt)
+one GPU:                 python diffusion.py --size XL --data /path/to/imagenet/train --ae out/ae/ae.pt
+8 GPUs (the paper's):    torchrun --nproc_per_node=8 diffusion.py --size XL --data /path/to/imagenet/train
+resume:                  python diffusion.py --size tiny --resume out/dit/dit.pt --steps 800
+official weights:        python diffusion.py --convert-official V1-SVG-XL-7000K-256x256.pt --ae AE.pt --out svg_xl.pt
+"""
+import argparse
+import copy
+import math
+import os
+import resource
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+
+# DiT's sizes (depth, width, heads); tiny is ours, as wide as the 392-d token (RAE: narrower cannot fit)
+SIZES = {
+    "tiny": dict(depth=4, width=392, num_heads=7),
+    "S": dict(depth=12, width=384, num_heads=6),
+    "B": dict(depth=12, width=768, num_heads=12),
+    "L": dict(depth=24, width=1024, num_heads=16),
+    "XL": dict(depth=28, width=1152, num_heads=16),
+}
+# training defaults per preset (SPEC 2 recipe for the real sizes); explicit flags override
+PRESETS = {
+    "tiny": dict(steps=400, batch_size=16, device_batch=16, log_every=20, sample_every=200, ckpt_every=200),
+    "full": dict(steps=400_000, batch_size=256, device_batch=32, log_every=100, sample_every=10_000, ckpt_every=10_000),
+}
+PEAK_TFLOPS = {"H100": (989.0, 494.7), "H200": (989.0, 494.7), "A100": (312.0, 156.0)}  # dense (bf16, tf32)
+CPU_TFLOPS_PER_CORE = 0.1  # ~3 GHz x 32 fp32 FLOPs/cycle (AVX2/AVX-512 FMA): a rough figure, use --peak-tflops
+PREVIEW_STEPS, PREVIEW_SHIFT, PREVIEW_CFG = 25, 0.15, 4.0  # official sampling defaults; w=4 for pictures (SPEC 3)
+
+# -----------------------------------------------------------------------------
+# the model (SPEC 2)
+
+
+def sincos_2d(width, grid):
+    """MAE's fixed 2-D table [grid*grid, width] in raster order: the first half encodes the column, the
+    second the row, each as [sin | cos] over width/4 frequencies 1/10000^(k/(width/4))."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for pos in (cols, rows):
+        angle = pos.reshape(-1, 1) * omega
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def timestep_embedding(t, dim=256, max_period=10_000):
+    """t in [0, 1] itself (not x1000, SPEC 2) -> [B, dim] as [cos | sin], DiT's frequencies."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    angle = t.float()[:, None] * freqs[None]
+    return torch.cat([angle.cos(), angle.sin()], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, width, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm = nn.LayerNorm(width // num_heads)  # qk-norm over each head's dim; affine, eps 1e-5 as official
+        self.k_norm = nn.LayerNorm(width // num_heads)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # autocast keeps LayerNorm in fp32
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """adaLN-Zero block: c -> shift/scale/gate for attention and MLP; zero gates make it the identity at init."""
+
+    def __init__(self, width, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, T, D)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_channels)  # 392, not the official 2x392 (DiT's unused sigma half)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """model(x, t, y): tokens x (B, T, C), t (B,) in [0, 1], labels y (B,) with id num_classes = null
+    -> velocity (B, T, C). Parameter names follow the official checkpoint (official_keys.txt)."""
+
+    def __init__(self, in_channels=392, grid=16, depth=28, width=1152, num_heads=16, num_classes=1000,
+                 class_dropout=0.1, mlp_ratio=4.0):
+        super().__init__()
+        assert width % num_heads == 0 and width % 4 == 0, "width must divide by num_heads and by 4 (2-D sin-cos)"
+        if width < in_channels:
+            warnings.warn(f"DiT width {width} < token dimension {in_channels}: RAE finds such a model cannot even "
+                          "overfit one image (SPEC 2); use a size at least as wide as the latent")
+        self.config = dict(in_channels=in_channels, grid=grid, depth=depth, width=width, num_heads=num_heads,
+                           num_classes=num_classes, class_dropout=class_dropout, mlp_ratio=mlp_ratio)
+        self.num_classes = num_classes
+        self.ln1 = nn.Linear(in_channels, width)  # the input projection; "ln1" is the official name
+        self.register_buffer("pos_embed", sincos_2d(width, grid)[None], persistent=False)  # (1, T, D), fixed
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.y_embedder = nn.Module()
+        self.y_embedder.embedding_table = nn.Embedding(num_classes + 1, width)  # last row: the null class (CFG)
+        self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init (SPEC 2): xavier linears with zero bias, N(0, 0.02) class table and t-MLP, adaLN and
+        output zero, so the untrained model predicts v = 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        x = self.ln1(x) + self.pos_embed  # (B, T, D)
+        c = self.t_embedder.mlp(timestep_embedding(t)) + self.y_embedder.embedding_table(y)  # (B, D)
+        for block in self.blocks:
+            x = block(x, c)  # (B, T, D)
+        return self.final_layer(x, c)  # (B, T, C)
+
+
+def forward_macs(config):
+    """Analytic multiply-accumulates of one forward per image, DiT's convention (every matmul including
+    attention's two, nothing else). Training costs 3 forwards; FLOPs = 2 x MACs."""
+    T, C, D, L = config["grid"] ** 2, config["in_channels"], config["width"], config["depth"]
+    block = (4 + 2 * config["mlp_ratio"]) * T * D * D + 2 * T * T * D + 6 * D * D  # qkv+proj+MLP, QK^T and AV, adaLN
+    return L * block + 2 * T * C * D + 2 * D * D + 256 * D + D * D  # in/out projection, final adaLN, t-MLP
+
+
+def load_model(path, ema=True):
+    """A DiT from our checkpoint, EMA weights by default, in eval mode; model.ae / model.step from the file."""
+    ckpt = data.load_checkpoint(path, "diffusion checkpoint")
+    model = DiT(**ckpt["config"])
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    model.ae, model.step = ckpt["ae"], ckpt["step"]
+    return model.eval()
+
+# -----------------------------------------------------------------------------
+# flow matching (SPEC 2-3): t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, v = x1 - x0
+
+
+def time_warp(u, shift):
+    """t = s u / (1 + (s - 1) u); s < 1 spends more time near the noise end, s <= 0 means no warp."""
+    return u if shift <= 0 else shift * u / (1 + (shift - 1) * u)
+
+
+def flow_loss(model, x1, y, shift, x0=None, u=None):
+    """Velocity MSE at t = warp(u), u ~ U(0, 1) per sample, no time weighting. x0 and u may be given
+    (the training loop draws them per global batch so that runs are reproducible across world sizes)."""
+    x0 = torch.randn_like(x1) if x0 is None else x0
+    u = torch.rand(len(x1), device=x1.device) if u is None else u
+    t = time_warp(u, shift)
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1  # (B, T, C)
+    return F.mse_loss(model(xt, t, y).float(), (x1 - x0).float())
+
+
+def time_grid(steps, shift):
+    """[steps + 1] times from 0 (noise) to 1 (data): warp(k / steps) with the sampling shift (0.15)."""
+    return time_warp(torch.linspace(0, 1, steps + 1, dtype=torch.float64), shift)
+
+
+@torch.no_grad()
+def sample(model, noise, y, steps=25, shift=0.15, cfg=1.0, solver="euler", interval=(0.0, 1.0), null_class=None):
+    """Integrate dx/dt = v from t=0 (noise [B, T, C]) to t=1; returns the final tokens in standardised
+    latent space. CFG on all channels: v_u + w (v_c - v_u), both halves in one batch of 2B, only for t
+    inside `interval`; cfg == 1 runs the conditional pass alone. Euler: 1 evaluation/step, Heun: 2."""
+    null_class = model.config["num_classes"] if null_class is None else null_class
+    y_null = torch.full_like(y, null_class)
+
+    def velocity(x, t):
+        tt = torch.full((len(x),), t, device=x.device, dtype=x.dtype)
+        if cfg == 1.0 or not interval[0] <= t <= interval[1]:
+            return model(x, tt, y)
+        v_c, v_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, y_null])).chunk(2)
+        return v_u + cfg * (v_c - v_u)
+
+    assert solver in ("euler", "heun"), f"unknown solver {solver}"
+    ts = time_grid(steps, shift).tolist()
+    x = noise
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        v = velocity(x, t0)
+        if solver == "heun":  # trapezoid with the Euler guess's velocity at t1
+            v = (v + velocity(x + (t1 - t0) * v, t1)) / 2
+        x = x + (t1 - t0) * v
+    return x
+
+
+def to_tokens(z):
+    """Latent [B, C, h, w] -> tokens [B, h*w, C] in raster order (patch size 1)."""
+    return z.flatten(2).transpose(1, 2)
+
+
+def from_tokens(x, grid):
+    """Tokens [B, grid*grid, C] -> latent [B, C, grid, grid]."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model; decay 0 copies exactly (DiT syncs with it at start)."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+# -----------------------------------------------------------------------------
+# the official checkpoint
+
+
+def convert_official(sd):
+    """Official DiT state dict (official_keys.txt) -> (our state dict, config). Same names; the fixed
+    pos_embed is dropped (ours is a buffer, checked equal) and only the first C rows of the 2C-wide
+    output layer are kept (the other half is DiT's unused learned-sigma output, SPEC 2)."""
+    sd = dict(sd)
+    pos = sd.pop("pos_embed")
+    width, in_channels = sd["ln1.weight"].shape
+    grid = math.isqrt(pos.shape[1])
+    config = dict(in_channels=in_channels, grid=grid, depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+                  width=width, num_heads=width // sd["blocks.0.attn.q_norm.weight"].shape[0],
+                  num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, class_dropout=0.1, mlp_ratio=4.0)
+    if pos.device.type != "meta" and (pos[0].float() - sincos_2d(width, grid)).abs().max() > 1e-4:
+        raise SystemExit("official pos_embed is not the fixed 2-D sin-cos table this model uses; cannot convert")
+    for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        sd[key] = sd[key][:in_channels]
+    return sd, config
+
+
+def convert_official_cli(args):
+    official = data.load_checkpoint(args.convert_official, "official DiT checkpoint")
+    ae = load_frozen_ae(args.ae, "cpu")
+    sds = {k: official[k] for k in ("ema", "model") if k in official} or {"ema": official}  # or a bare state dict
+    out = {}
+    for name, sd in sds.items():
+        if "ln1.weight" not in sd:
+            raise SystemExit(f"'{args.convert_official}' holds no DiT state dict (no ln1.weight under '{name}')")
+        out[name], config = convert_official(sd)
+    info = ae_info(ae, args.ae)
+    if (config["in_channels"], config["grid"]) != (info["latent_channels"], info["grid"]):
+        raise SystemExit(f"official DiT expects {config['in_channels']} channels on a {config['grid']}^2 grid, the AE "
+                         f"'{args.ae}' gives {info['latent_channels']} on {info['grid']}^2: pass the matching AE")
+    model = DiT(**config)
+    for name, sd in out.items():
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"official '{name}' does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    ckpt = dict(model=out.get("model", out["ema"]), ema=out["ema"], opt=None, step=0, config=config,
+                args=dict(converted_from=os.path.abspath(args.convert_official)), ae=info)
+    data.save_checkpoint(ckpt, args.out)
+    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} parameters, config {config}")
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def load_frozen_ae(path, device):
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"AE checkpoint '{path}' not found; train one with `python ae.py --size tiny` or pass --ae PATH")
+    from ae import load_autoencoder  # here, so that importing diffusion.py does not import timm
+    ae = load_autoencoder(path, device=device)
+    if not ae.has_stats:
+        raise SystemExit(f"AE checkpoint '{path}' has no latent statistics; run `python ae.py --compute-stats {path}`")
+    return ae
+
+
+def ae_info(ae, path):
+    """What a diffusion checkpoint records about its AE (sample.py rebuilds the pipeline from it)."""
+    return dict(path=os.path.abspath(path), latent_mean=ae.latent_mean.detach().float().cpu().clone(),
+                latent_std=ae.latent_std.detach().float().cpu().clone(), latent_channels=int(ae.latent_channels),
+                grid=int(ae.image_size // ae.patch_size), image_size=int(ae.image_size))
+
+
+def default_peak_tflops(device, bf16):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (peak_bf16, peak_tf32) in PEAK_TFLOPS.items():
+            if key in name:
+                return peak_bf16 if bf16 else peak_tf32
+        return 100.0
+    return CPU_TFLOPS_PER_CORE * (os.cpu_count() or 1)
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, KiB on Linux
+
+
+@torch.no_grad()
+def save_preview(ema, ae, path, seed):
+    """8 EMA samples (labels 0, 1, ...) with the same sampler as sample.py, decoded, in one row."""
+    device = next(ema.parameters()).device
+    n, C, grid = 8, ema.config["in_channels"], ema.config["grid"]
+    noise = torch.randn(n, grid * grid, C, generator=torch.Generator().manual_seed(seed)).to(device)
+    y = torch.arange(n, device=device) % ema.config["num_classes"]
+    x = sample(ema, noise, y, steps=PREVIEW_STEPS, shift=PREVIEW_SHIFT, cfg=PREVIEW_CFG)
+    images = ae.decode(ae.unstandardize(from_tokens(x, grid))).clamp(-1, 1)  # (n, 3, H, W)
+    row = torch.cat(list(images), dim=2).permute(1, 2, 0)  # (H, n*W, 3)
+    Image.fromarray(((row + 1) * 127.5).round().byte().cpu().numpy()).save(path)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Train the SVG diffusion transformer on a frozen AE's latents (SPEC 2).")
+    p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size (DiT's S/B/L/XL, or tiny for CPU)")
+    p.add_argument("--ae", default="out/ae/ae.pt", help="trained AE checkpoint (with latent statistics) from ae.py")
+    p.add_argument("--data", default="shapes", help="'shapes' (built-in) or an image folder (ImageNet layout)")
+    p.add_argument("--out-dir", default="out/dit", help="where dit.pt and the preview grids go")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (preset: tiny 400, else 400k = 80 epochs)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (preset: tiny 16, else 256)")
+    p.add_argument("--device-batch", type=int, default=None, help="per-process micro-batch; accumulation is derived")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (SPEC 2)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SPEC 2: 0)")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, as the paper)")
+    p.add_argument("--shift", type=float, default=0.4, help="training time-warp shift (SPEC 2; <= 0: uniform t)")
+    p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (for CFG)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA and CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (before the DDP wrap)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips (SPEC 2); --no-flip makes runs comparable sample for sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, the noise and the data order")
+    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: from the CPU count)")
+    p.add_argument("--log-every", type=int, default=None, help="steps between log lines")
+    p.add_argument("--sample-every", type=int, default=None, help="steps between EMA preview grids (0: never)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (and one at the end)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100/A100 table, CPU guess)")
+    p.add_argument("--resume", default=None, help="checkpoint to continue (model, EMA, optimizer, step)")
+    p.add_argument("--convert-official", default=None, metavar="OFFICIAL.pt", help="convert the authors' DiT, then exit")
+    p.add_argument("--out", default=None, help="output path of --convert-official")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.convert_official:
+        if not args.out:
+            raise SystemExit("--convert-official needs --out PATH (and --ae AE_CKPT)")
+        return convert_official_cli(args)
+    for key, value in PRESETS["tiny" if args.size == "tiny" else "full"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    run = data.setup(args.seed)
+    device, world, rank = run["device"], run["world_size"], run["rank"]
+    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+    ae = load_frozen_ae(args.ae, device)
+    info = ae_info(ae, args.ae)
+    dataset = data.build_dataset(args.data, info["image_size"], "diffusion", seed=args.seed)
+    if not args.flip:  # Shapes flips when .flip, folders when .train (diffusion stage)
+        dataset.flip = dataset.train = False
+
+    config = dict(in_channels=info["latent_channels"], grid=info["grid"], num_classes=dataset.num_classes,
+                  class_dropout=args.class_dropout, mlp_ratio=4.0, **SIZES[args.size])
+    ckpt = data.load_checkpoint(args.resume, "diffusion checkpoint") if args.resume else None
+    if ckpt is not None:
+        if ckpt["config"] != config:
+            raise SystemExit(f"--resume {args.resume} has config {ckpt['config']}, these flags and AE give {config}: "
+                             f"pass the same --size, --data and --ae (it was trained on {ckpt['ae']['path']})")
+    raw = DiT(**config).to(device)
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    step = 0
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        del ckpt
+    model = torch.compile(raw) if args.compile else raw  # compile before DDP; raw keeps clean state-dict keys
+    if run["ddp"]:
+        model = DDP(model, device_ids=[run["local_rank"]] if device.type == "cuda" else None)
+    loader = data.make_loader(dataset, args.device_batch, seed=args.seed, num_workers=args.num_workers)
+    micro = step * accum  # resume continues the data stream where it stopped (exact under DDP's epoch-keyed order)
+    stream = data.batches(loader, start_epoch=micro // len(loader))
+    for _ in range(micro % len(loader)):
+        next(stream)
+
+    macs = forward_macs(config)
+    peak = args.peak_tflops or default_peak_tflops(device, args.bf16)
+    data.print0(f"config: {vars(args)}\nmodel {args.size}: {config}, {sum(p.numel() for p in raw.parameters()):,} "
+                f"parameters, {macs / 1e9:.2f} GMACs/image forward; {world} process(es) x {args.device_batch} x {accum} "
+                f"accumulation = {args.batch_size}; peak {peak:.1f} TFLOPs for MFU")
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "dit.pt")
+    T, C = config["grid"] ** 2, config["in_channels"]
+    raw.train()
+    t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
+    while step < args.steps:
+        # noise, times and label drops of the whole global batch from (seed, step): the same numbers on
+        # 1 or N processes and after a resume; each process takes the rows of its samples in the
+        # DistributedSampler's interleaved order (sample j of micro-step m on rank r is global row (m*b+j)*world+r)
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+        x0_all = torch.randn(args.batch_size, T, C, generator=g, device=device)
+        u_all = torch.rand(args.batch_size, generator=g, device=device)
+        drop_all = torch.rand(args.batch_size, generator=g, device=device) < config["class_dropout"]
+        for m in range(accum):
+            _, images, labels = next(stream)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.no_grad(), data.autocast(device, args.bf16):
+                z = ae.encode(images)  # (b, C, grid, grid), frozen AE, online as the official code
+            x1 = to_tokens(ae.standardize(z.float()))  # (b, T, C), per-channel standardised (SPEC 1)
+            rows = (torch.arange(len(labels), device=device) + m * args.device_batch) * world + rank
+            y = torch.where(drop_all[rows], config["num_classes"], labels)  # label dropout -> null class
+            sync = model.no_sync() if run["ddp"] and m < accum - 1 else nullcontext()  # all-reduce once per step
+            with sync:
+                with data.autocast(device, args.bf16):
+                    loss = flow_loss(model, x1, y, args.shift, x0=x0_all[rows], u=u_all[rows])
+                (loss / accum).backward()
+            loss_log += loss.detach() / accum
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, raw, args.ema_decay)
+        step += 1
+
+        if step % args.log_every == 0 or step == args.steps:
+            if run["ddp"]:
+                dist.all_reduce(loss_log, op=dist.ReduceOp.AVG)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t_log
+            img_s = (step - step_log) * args.batch_size / dt
+            mfu = 6 * macs * img_s / world / (peak * 1e12)  # train = 3 forwards, 2 FLOPs per MAC
+            data.print0(f"step {step} | loss {loss_log.item() / (step - step_log):.6f} | lr {args.lr:.2e} | "
+                        f"{img_s:.1f} images/s | MFU {100 * mfu:.2f}% | peak mem {peak_memory_gib(device):.2f} GiB")
+            t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
+        if run["master"] and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+            save_preview(ema, ae, os.path.join(args.out_dir, f"preview_{step:07d}.png"), args.seed)
+        if run["master"] and (step % args.ckpt_every == 0 or step == args.steps):
+            data.save_checkpoint(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                                      config=config, args=vars(args), ae=info), ckpt_path)
+    data.print0(f"done: {step} steps, checkpoint {ckpt_path}")
+    data.cleanup()
+
+
+if __name__ == "__main__":
+    main()
