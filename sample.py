@@ -1,0 +1,210 @@
+"""
+Sampling: noise -> the DiT's flow (diffusion.sample) -> un-standardise -> decode -> images (SPEC 3).
+
+A labelled grid (one row per class), after the tiny ae.py and diffusion.py runs:
+  python sample.py --steps 5                                   # out/dit/dit.pt, AE from the checkpoint
+  python sample.py --steps 25 --solver heun --cfg 4 --cfg-interval 0 0.7 --classes 1 3 --seed 7
+Noise interpolation between two seeds (rows: linear and spherical, per class):
+  python sample.py --steps 5 --interpolate 1 --classes 3
+Samples for fid.py (uint8 NHWC `arr_0`, `labels`, and the sampler settings), class-balanced:
+  python sample.py --num 50000 --steps 25 --cfg 1.5 --out samples.npz                    # one GPU
+  torchrun --standalone --nproc_per_node=8 sample.py --num 50000 --steps 25 --out samples.npz
+The released weights, once converted (README): python sample.py --ae svg_ae.pt --ckpt svg_xl.pt --steps 5
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+from ae import load_autoencoder
+from diffusion import from_tokens, load_model, sample
+
+
+def noise_for(seed, indices, tokens, channels):
+    """Sample i's noise is a pure function of (seed, i), so batch size and process count never change
+    an image (same seeding scheme as data.Shapes)."""
+    return torch.from_numpy(np.stack([np.random.default_rng([seed, int(i)]).standard_normal((tokens, channels),
+                                                                                              dtype=np.float32)
+                                      for i in indices]))
+
+
+def slerp(z0, z1, alpha):
+    """Spherical interpolation: keeps the norm of Gaussian noise, which the linear path shrinks mid-way."""
+    theta = torch.acos((z0 * z1).sum() / (z0.norm() * z1.norm())).clamp(min=1e-6)
+    return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
+
+
+@torch.no_grad()
+def decode_uint8(ae, model, tokens):
+    """Final tokens [B,T,C] (standardised) -> uint8 [B,H,W,3]."""
+    z = ae.unstandardize(from_tokens(tokens.float(), model.ae["grid"]))  # (B, C, h, w)
+    images = ae.decode(z).clamp(-1, 1)  # (B, 3, H, W)
+    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate(model, ae, labels, seed, steps, shift, cfg, solver, interval, batch_size, index_offset=0,
+             noise=None, progress=False):
+    """Images for `labels` (sample i uses noise (seed, index_offset + i)), uint8 NHWC numpy.
+    `noise` [N,T,C] replaces the seeded noise (interpolation)."""
+    device = next(model.parameters()).device
+    tokens, channels = model.ae["grid"] ** 2, model.ae["latent_channels"]
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    out = []
+    for start in tqdm(range(0, len(labels), batch_size), disable=not progress, desc="sampling"):
+        stop = min(start + batch_size, len(labels))
+        x0 = noise[start:stop] if noise is not None else noise_for(seed, range(index_offset + start, index_offset + stop),
+                                                                   tokens, channels)
+        x1 = sample(model, x0.to(device), labels[start:stop].to(device), steps=steps, shift=shift, cfg=cfg,
+                    solver=solver, interval=tuple(interval))
+        out.append(decode_uint8(ae, model, x1))
+    return np.concatenate(out) if out else np.zeros((0, ae.image_size, ae.image_size, 3), np.uint8)
+
+
+def load(ckpt, ae_path=None, ema=True, device="cpu"):
+    """The DiT and the AE it was trained on, checked to agree. fid.py can use this too."""
+    model = load_model(ckpt, ema=ema).to(device)
+    ae_path = ae_path or model.ae["path"]
+    if not os.path.isfile(ae_path):
+        raise SystemExit(f"sample: AE checkpoint '{ae_path}' (recorded in '{ckpt}') not found; pass --ae PATH")
+    ae = load_autoencoder(ae_path, device=device)
+    want = (model.ae["latent_channels"], model.ae["grid"])
+    have = (ae.latent_channels, ae.image_size // ae.patch_size)
+    if want != have:
+        raise SystemExit(f"sample: DiT '{ckpt}' was trained on {want[0]}-channel {want[1]}x{want[1]} latents but AE "
+                         f"'{ae_path}' makes {have[0]}-channel {have[1]}x{have[1]} ones; pass the AE it was trained on")
+    # The DiT's latent space is defined by the statistics it was trained with (SPEC 1, "recompute whenever
+    # the AE changes"): if the AE's were recomputed since, un-standardise with the DiT's.
+    mean, std = (torch.as_tensor(model.ae[k], dtype=torch.float32).reshape(-1) for k in ("latent_mean", "latent_std"))
+    if not (torch.allclose(ae.latent_mean.cpu(), mean) and torch.allclose(ae.latent_std.cpu(), std)):
+        data.print0(f"sample: AE '{ae_path}' statistics differ from those the DiT was trained with; using the DiT's")
+        ae.latent_mean.copy_(mean)
+        ae.latent_std.copy_(std)
+    return model, ae
+
+
+def class_names(ckpt, num_classes):
+    """Built-in data: the shape names; anything else: class ids. Peeks at the DiT's args without loading it."""
+    args = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("args") or {}
+    if args.get("data") == "shapes" and num_classes == len(data.SHAPE_CLASSES):
+        return list(data.SHAPE_CLASSES)
+    return [str(c) for c in range(num_classes)]
+
+
+def save_grid(images, rows, row_names, path):
+    """uint8 [rows*cols,H,W,3] -> one PNG with each row's name in a strip on the left."""
+    n, h, w, _ = images.shape
+    cols = n // rows
+    grid = images.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
+    margin = 8 + 6 * max(len(s) for s in row_names)  # PIL's default bitmap font is ~6 px per character
+    canvas = Image.new("RGB", (margin + cols * w, rows * h), "white")
+    canvas.paste(Image.fromarray(grid), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, name in enumerate(row_names):
+        draw.text((4, r * h + h // 2 - 5), name, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def write_npz(args, model, ae, run):
+    """--num N: rank r makes a contiguous share of the N samples; rank 0 joins the shares in index order."""
+    num_classes = model.config["num_classes"]
+    classes = args.classes or list(range(num_classes))
+    labels = np.array([classes[i % len(classes)] for i in range(args.num)])  # class-balanced (SPEC 4: 50 per class)
+    start, stop = args.num * run["rank"] // run["world_size"], args.num * (run["rank"] + 1) // run["world_size"]
+    images = generate(model, ae, labels[start:stop], args.seed, args.steps, args.shift, args.cfg, args.solver,
+                      args.cfg_interval, args.batch_size, index_offset=start, progress=run["master"])
+    part = f"{args.out}.part{run['rank']}.npy"
+    np.save(part, images)
+    if run["ddp"]:
+        dist.barrier()
+    if run["master"]:
+        parts = [f"{args.out}.part{r}.npy" for r in range(run["world_size"])]
+        arr = np.concatenate([np.load(p) for p in parts])
+        # The protocol travels with the samples so fid.py can print what it is scoring.
+        np.savez(args.out, arr_0=arr, labels=labels, steps=args.steps, shift=args.shift, solver=args.solver,
+                 cfg=args.cfg, interval=np.array(args.cfg_interval), ckpt=os.path.abspath(args.ckpt), seed=args.seed,
+                 ema=not args.no_ema)
+        for p in parts:
+            os.remove(p)
+        print(f"wrote {args.out}: {arr.shape[0]} images {arr.shape[1]}x{arr.shape[2]}, {len(classes)} classes")
+    if run["ddp"]:
+        dist.barrier()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Sample images from a trained SVG diffusion model.")
+    parser.add_argument("--ckpt", default="out/dit/dit.pt", help="diffusion checkpoint (diffusion.py)")
+    parser.add_argument("--ae", default=None, help="AE checkpoint; default: the path recorded in --ckpt")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--steps", type=int, default=25, help="solver steps (SPEC 3: 25; SVG's headline is 5)")
+    parser.add_argument("--shift", type=float, default=0.15, help="sampling time shift (SPEC 3: 0.15)")
+    parser.add_argument("--solver", default="euler", choices=["euler", "heun"], help="Euler: 1 eval/step, Heun: 2")
+    parser.add_argument("--cfg", type=float, default=1.0, help="guidance scale; 1 = off (no unconditional pass)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
+                        help="apply guidance only for t in [LO, HI] (t=0 noise, t=1 data)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all, or 0..7)")
+    parser.add_argument("--per-class", type=int, default=4, help="grid: samples per class (one row per class)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i uses noise (seed, i)")
+    parser.add_argument("--interpolate", type=int, default=None, metavar="SEED2",
+                        help="grid of linear and spherical noise interpolations from --seed to SEED2")
+    parser.add_argument("--frames", type=int, default=8, help="--interpolate: images per row")
+    parser.add_argument("--num", type=int, default=0, help="write N samples to an .npz for fid.py instead of a grid")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (per process)")
+    parser.add_argument("--out", default=None, help="output: samples.png (grid) or samples.npz (--num)")
+    args = parser.parse_args()
+    args.out = args.out or ("samples.npz" if args.num else "samples.png")
+    if args.steps < 1:
+        raise SystemExit(f"sample: --steps must be at least 1 (got {args.steps})")
+    if not 0 <= args.cfg_interval[0] <= args.cfg_interval[1] <= 1:
+        raise SystemExit(f"sample: --cfg-interval needs 0 <= LO <= HI <= 1 (got {args.cfg_interval})")
+    if args.num and not args.out.endswith(".npz"):
+        raise SystemExit(f"sample: --num writes an .npz; pass --out NAME.npz (got '{args.out}')")
+    if min(args.batch_size, args.per_class, args.frames) < 1 or args.num < 0:
+        raise SystemExit("sample: --batch-size, --per-class and --frames must be >= 1, --num >= 0")
+    if not os.path.isfile(args.ckpt):
+        raise SystemExit(f"sample: diffusion checkpoint '{args.ckpt}' not found; train one with diffusion.py or pass --ckpt")
+    run = data.setup(args.seed)
+    if run["ddp"] and not args.num:
+        raise SystemExit("sample: torchrun is only for --num N; run grids with plain python")
+    model, ae = load(args.ckpt, args.ae, ema=not args.no_ema, device=run["device"])
+    num_classes = model.config["num_classes"]
+    bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
+    if bad:
+        raise SystemExit(f"sample: class id(s) {bad} out of range; this model has classes 0..{num_classes - 1}")
+    data.print0(f"sample: {args.ckpt} (step {model.step}, {'raw' if args.no_ema else 'EMA'}), AE {args.ae or model.ae['path']}, "
+                f"{args.steps} {args.solver} steps, shift {args.shift}, cfg {args.cfg} on t in {args.cfg_interval}")
+    if args.num:
+        write_npz(args, model, ae, run)
+        return data.cleanup()
+    names = class_names(args.ckpt, num_classes)
+    if args.interpolate is not None:
+        classes = args.classes or [0]
+        tokens, channels = model.ae["grid"] ** 2, model.ae["latent_channels"]
+        z0, z1 = noise_for(args.seed, [0], tokens, channels)[0], noise_for(args.interpolate, [0], tokens, channels)[0]
+        alphas = torch.linspace(0, 1, args.frames)
+        path = {"linear": torch.stack([(1 - a) * z0 + a * z1 for a in alphas]),
+                "slerp": torch.stack([slerp(z0, z1, a) for a in alphas])}
+        rows = [(kind, c) for c in classes for kind in path]
+        noise = torch.cat([path[kind] for kind, _ in rows])
+        labels = [c for _, c in rows for _ in alphas]
+        images = generate(model, ae, labels, args.seed, args.steps, args.shift, args.cfg, args.solver,
+                          args.cfg_interval, args.batch_size, noise=noise)
+        save_grid(images, len(rows), [f"{kind} {names[c]}" for kind, c in rows], args.out)
+    else:
+        classes = args.classes or list(range(min(num_classes, 10)))
+        labels = [c for c in classes for _ in range(args.per_class)]
+        images = generate(model, ae, labels, args.seed, args.steps, args.shift, args.cfg, args.solver,
+                          args.cfg_interval, args.batch_size)
+        save_grid(images, len(classes), [names[c] for c in classes], args.out)
+    print(f"wrote {args.out}: {len(images)} images {images.shape[1]}x{images.shape[2]}")
+
+
+if __name__ == "__main__":
+    main()
