@@ -21,3 +21,19 @@ def run(*args, env=None, timeout=900):
 
 def torchrun(nproc, *args, timeout=900):
     return run("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args, timeout=timeout)
+
+
+# Flags for a tiny, offline autoencoder run: random encoder and LPIPS trunk (no downloads), few steps, few images.
+TINY_AE_FLAGS = ("--size", "tiny", "--encoder-weights", "random", "--lpips-weights", "random", "--steps", "24",
+                 "--batch-size", "4", "--device-batch", "4", "--eval-every", "12", "--eval-images", "16",
+                 "--stats-images", "64", "--num-workers", "0", "--log-every", "4")
+
+
+@pytest.fixture(scope="session")
+def tiny_ae_ckpt(tmp_path_factory):
+    """Train a tiny autoencoder once per session (ae.py on the built-in shapes) and return its checkpoint path.
+    The run's log is at <dir>/log.txt."""
+    out = tmp_path_factory.mktemp("tiny_ae")
+    log = run("ae.py", *TINY_AE_FLAGS, "--out-dir", str(out))
+    (out / "log.txt").write_text(log)
+    return str(out / "ae.pt")

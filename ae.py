@@ -1,0 +1,690 @@
+"""
+The SVG autoencoder (SPEC 1): a frozen DINOv3 encoder, a small residual ViT trained from scratch, the
+distribution aligner and the LDM convolutional decoder, trained with L1 + LPIPS + a hinge PatchGAN.
+
+  CPU, tiny (minutes, offline):  python ae.py --size tiny --encoder-weights random --lpips-weights random
+  one GPU, ImageNet:             python ae.py --size full --data /path/to/imagenet/train
+  8 GPUs:                        torchrun --standalone --nproc_per_node=8 ae.py --size full --data /path/to/train
+  resume a killed run:           python ae.py --size tiny ... --resume
+  latent statistics again:       python ae.py --compute-stats out/ae/ae.pt [--data shapes]
+  the authors' weights:          python ae.py --convert-official svg_autoencoder_dinov3s16p_vit-s_epoch40.ckpt
+                                     --stats dinov3_sp_stats.pt --out out/ae/official.pt
+
+Later stages import: load_autoencoder(path) -> model with encode / decode / standardize / unstandardize.
+"""
+import argparse
+import math
+import os
+import re
+import time
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import data
+
+# model sizes; a preset may also set the run's batch, steps and cadences (explicit flags override)
+SIZES = {
+    # a laptop CPU in minutes: 64 px (4x4 latent), 2-block residual ViT, narrow decoder with one ResBlock per level
+    "tiny": dict(image_size=64, depth=2, width=96, num_heads=4, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=0,
+                 batch_size=8, device_batch=8, steps=300, disc_start=200, log_every=25, eval_every=100,
+                 sample_every=100, save_every=100, eval_images=64, stats_images=512),
+    # the paper's (SPEC 1): residual ViT 6 x 384, 8 heads; decoder ch 128 x (1,1,2,2,4), 2 (+1) ResBlocks per level
+    "full": dict(image_size=256, depth=6, width=384, num_heads=8, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                 batch_size=512, device_batch=32, steps=100_000, disc_start=2_500, log_every=50, eval_every=5_000,
+                 sample_every=1_000, save_every=2_000, eval_images=1_000, stats_images=0),
+}
+RESIDUAL_DIM = 8  # channels of the residual branch (official extra_vit output_dim)
+ALIGN_MOMENTUM = 0.1  # running alignment statistics, updated once per optimizer step (BatchNorm's default)
+DISC_WEIGHT = 0.5  # adaptive GAN weight multiplier (SPEC 1, taming's disc_weight)
+
+
+# -----------------------------------------------------------------------------
+# the frozen encoder
+
+
+def build_encoder(name, weights, img_size):
+    """A timm ViT; weights: 'hub' (timm download), a file (timm state dict or Meta's original .pth, converted by
+    timm's checkpoint filter), 'random' (announced), or None (silent: a checkpoint fills it)."""
+    kwargs = dict(img_size=img_size, num_classes=0)
+    if weights == "hub":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise SystemExit(f"encoder: cannot get pretrained '{name}' from the hub ({type(e).__name__}; offline?): "
+                             f"pass --encoder-weights PATH to a local timm or Meta .pth file, or --encoder-weights random")
+    if weights in (None, "random"):
+        if weights == "random":
+            print("!" * 100 + f"\n!!! encoder: RANDOM weights for '{name}' (--encoder-weights random): "
+                  "for tests and offline runs only, the latent has no semantics\n" + "!" * 100, flush=True)
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if not os.path.isfile(weights):
+        raise SystemExit(f"encoder: weights file '{weights}' not found; pass hub, random or an existing .pth")
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
+    except (RuntimeError, KeyError) as e:
+        raise SystemExit(f"encoder: '{weights}' does not fit '{name}' ({str(e).splitlines()[0][:200]})")
+
+
+# -----------------------------------------------------------------------------
+# the residual encoder: a small ViT, pre-LN, learned CLS and absolute positions (SPEC 1; torchvision's layout)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, num_heads, dropout):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, width, num_heads, mlp_ratio, dropout):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1 = nn.Linear(width, mlp_ratio * width)
+        self.mlp.act = nn.GELU()
+        self.mlp.drop1 = nn.Dropout(dropout)
+        self.mlp.fc2 = nn.Linear(mlp_ratio * width, width)
+        self.mlp.drop2 = nn.Dropout(dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))
+
+
+class ResidualViT(nn.Module):
+    """Patch-16 conv embedding, CLS + learned positions, pre-LN blocks, final LN, CLS dropped, per-token MLP head."""
+
+    def __init__(self, image_size, depth, width, num_heads, mlp_ratio=4, dropout=0.1, out_dim=RESIDUAL_DIM):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, width, 16, stride=16)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // 16) ** 2 + 1, width) * 0.02)
+        self.pos_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_dim))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):  # (B, 3, H, W) normalised
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), raster order
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 1:])  # (B, N, 8)
+
+
+# -----------------------------------------------------------------------------
+# the LDM decoder, with the official module names (official_keys.txt)
+
+
+def Normalize(c):
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in, c_out, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.dropout, self.conv2 = Normalize(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = Normalize(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):  # (B, C, h, w)
+        B, C, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (f(y).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))  # (B, 1, hw, C)
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, h, w)
+        return x + self.proj_out(y)
+
+
+class Decoder(nn.Module):
+    """conv_in -> mid (ResBlock, attention, ResBlock) -> levels coarse to fine (num_res_blocks+1 ResBlocks, attention
+    at the coarsest level only, nearest x2 + conv between levels) -> GroupNorm, SiLU, conv_out (SPEC 1).
+    `up.0` is the finest level, as in the official keys."""
+
+    def __init__(self, z_channels, ch, ch_mult, num_res_blocks, dropout=0.0):
+        super().__init__()
+        c = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(c, c, dropout), AttnBlock(c), ResnetBlock(c, c, dropout)
+        up = []
+        for level in reversed(range(len(ch_mult))):
+            stage = nn.Module()
+            c_out = ch * ch_mult[level]
+            stage.block = nn.ModuleList([ResnetBlock(c if i == 0 else c_out, c_out, dropout) for i in range(num_res_blocks + 1)])
+            # the official attn_resolutions=[16] at 256 px is the latent's own resolution, i.e. the coarsest level
+            stage.attn = nn.ModuleList([AttnBlock(c_out) for _ in range(num_res_blocks + 1)] if level == len(ch_mult) - 1 else [])
+            if level != 0:
+                stage.upsample = nn.Module()
+                stage.upsample.conv = nn.Conv2d(c_out, c_out, 3, padding=1)
+            c = c_out
+            up.insert(0, stage)
+        self.up = nn.ModuleList(up)
+        self.norm_out, self.conv_out = Normalize(c), nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z):  # (B, C, h, w) -> (B, 3, 16h, 16w) with 5 levels
+        x = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for stage in reversed(self.up):
+            for i, block in enumerate(stage.block):
+                x = block(x)
+                if len(stage.attn):
+                    x = stage.attn[i](x)
+            if hasattr(stage, "upsample"):
+                x = stage.upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(x)))  # no tanh: images in [-1, 1] by training, not clamped
+
+
+# -----------------------------------------------------------------------------
+# the autoencoder
+
+
+class SVGAutoencoder(nn.Module):
+    def __init__(self, config, encoder_weights=None):
+        super().__init__()
+        self.config = dict(config)
+        self.image_size, self.patch_size = config["image_size"], 16
+        p = int(re.search(r"patch(\d+)", config["encoder"]).group(1))  # every timm ViT name carries its patch size
+        self.encoder = build_encoder(config["encoder"], encoder_weights, config["image_size"] // 16 * p)
+        self.encoder.eval().requires_grad_(False)  # frozen (SPEC 6: the official code forgets requires_grad_)
+        cfg = self.encoder.pretrained_cfg  # input normalisation of the encoder (ImageNet for DINO/MAE, 0.5 for SigLIP)
+        self.register_buffer("in_mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.residual = config["residual"]
+        C = self.encoder.num_features + (RESIDUAL_DIM if self.residual else 0)
+        if self.residual:
+            self.residual_vit = ResidualViT(config["image_size"], config["depth"], config["width"], config["num_heads"],
+                                            dropout=config["dropout"])
+            self.mask_token = nn.Parameter(torch.randn(RESIDUAL_DIM) * 0.02)
+        self.decoder = Decoder(C, config["ch"], config["ch_mult"], config["num_res_blocks"])
+        self.latent_channels = C
+        # running alignment statistics (mu_h, sigma_h, mu_r, sigma_r), used in eval mode (SPEC 1 "Do better")
+        self.register_buffer("align_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        self.register_buffer("align_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("latent_mean", torch.zeros(C))
+        self.register_buffer("latent_std", torch.ones(C))
+        self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
+        self.batch_stats_log = []  # per-micro-batch statistics of the current optimizer step
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()  # always: DINOv3's RoPE has a train-mode augmentation (SPEC 6)
+        return self
+
+    @property
+    def has_stats(self):
+        return bool(self.stats_ready)
+
+    def encode(self, images):  # (B, 3, H, W) in [-1, 1] -> (B, C, H/16, W/16)
+        B, _, H, W = images.shape
+        x = ((images + 1) / 2 - self.in_mean) / self.in_std
+        xe = x
+        if self.encoder.patch_embed.patch_size[0] != 16:  # e.g. DINOv2/14: same token grid as the decoder expects
+            p = self.encoder.patch_embed.patch_size[0]
+            xe = F.interpolate(x, size=(H // 16 * p, W // 16 * p), mode="bicubic", align_corners=False, antialias=True)
+        with torch.no_grad():
+            h = self.encoder.forward_features(xe)[:, self.encoder.num_prefix_tokens:].float()  # (B, N, D), final-normed
+        if self.residual:
+            r = self.residual_vit(x).float()  # (B, N, 8)
+            if self.training and self.config["mask_ratio"] > 0:  # per-sample residual dropout (SPEC 1)
+                drop = torch.rand(B, 1, 1, device=r.device) < self.config["mask_ratio"]
+                r = torch.where(drop, self.mask_token.to(r.dtype).expand_as(r), r)
+            r = self.align(h, r)
+            h = torch.cat([h, r], -1)
+        return h.transpose(1, 2).reshape(B, -1, H // 16, W // 16)  # (B, C, h, w)
+
+    def align(self, h, r):
+        """Rescale the residual to DINO's scale: r' = (r - mu_r) / (sigma_r + 1e-6) * sigma_h + mu_h (SPEC 1)."""
+        if self.training or self.config["batch_stats"]:
+            # scalars = channel-averages of per-channel mean / std over batch and tokens, detached (as official)
+            stats = torch.stack([h.mean((0, 1)).mean(), h.std((0, 1)).mean(), r.mean((0, 1)).mean(), r.std((0, 1)).mean()]).detach()
+            if self.training:
+                self.batch_stats_log.append(stats)
+        else:
+            stats = self.align_stats
+        mu_h, sigma_h, mu_r, sigma_r = stats
+        return (r - mu_r) / (sigma_r + 1e-6) * sigma_h + mu_h
+
+    @torch.no_grad()
+    def update_align_stats(self, stats):
+        """Once per optimizer step with the mean statistics of all its micro-batches (on all ranks)."""
+        m = 1.0 if self.align_updates == 0 else ALIGN_MOMENTUM
+        self.align_stats.lerp_(stats.to(self.align_stats), m)
+        self.align_updates += 1
+
+    def decode(self, latents):  # (B, C, h, w) -> (B, 3, 16h, 16w) in [-1, 1], not clamped
+        return self.decoder(latents)
+
+    def forward(self, images):
+        z = self.encode(images)
+        tau = self.config["decoder_noise"]
+        if self.training and tau > 0:  # RAE's noise-augmented decoder: sigma ~ U(0, tau) per sample, relative to z's scale
+            sigma = torch.rand(len(z), 1, 1, 1, device=z.device) * tau * z.detach().std()
+            z = z + sigma * torch.randn_like(z)
+        return self.decode(z)
+
+    def standardize(self, z):  # per channel, (B, C, h, w)
+        return (z - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1)
+
+    def unstandardize(self, z):
+        return z * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
+
+
+def load_autoencoder(path, device="cpu"):
+    """Rebuild a trained (or converted) autoencoder offline from its checkpoint: eval mode, frozen."""
+    ckpt = data.load_checkpoint(path, "autoencoder checkpoint")
+    if "config" not in ckpt or "model" not in ckpt:
+        raise SystemExit(f"'{path}' is not an ae.py checkpoint (no config/model); convert official ones with --convert-official")
+    model = SVGAutoencoder(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# the loss (SPEC 1): L1 + LPIPS, hinge PatchGAN with the adaptive weight
+
+
+class PatchGAN(nn.Module):
+    """pix2pix/taming NLayerDiscriminator: 3 strided layers, 64 base channels, BatchNorm, LeakyReLU 0.2."""
+
+    def __init__(self, ndf=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2)], ndf
+        for n in range(1, n_layers + 1):
+            c_out = ndf * min(2 ** n, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 1, h', w') patch logits
+        return self.main(x)
+
+
+def build_lpips(weights):
+    import lpips
+    if weights == "random":
+        print("!!! lpips: RANDOM VGG trunk (--lpips-weights random): for tests only, LPIPS values are meaningless", flush=True)
+    try:
+        return lpips.LPIPS(net="vgg", pnet_rand=weights == "random", verbose=False).eval().requires_grad_(False)
+    except Exception as e:
+        raise SystemExit(f"lpips: cannot get torchvision's VGG16 weights ({type(e).__name__}; offline?): put vgg16-397923af.pth "
+                         f"in {torch.hub.get_dir()}/checkpoints or pass --lpips-weights random (tests only)")
+
+
+def psnr(x, y):  # per image, images in [-1, 1]
+    mse = ((x.clamp(-1, 1) - y) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+# -----------------------------------------------------------------------------
+# data order, evaluation, statistics
+
+
+class RunOrder(torch.utils.data.Dataset):
+    """Position p of the run's data stream -> an image. The order is a pure function of (seed, position), so
+    --resume skips the consumed images in O(1), and rank r's k-th micro-batch is chunk k*W + r of the global order,
+    i.e. the same micro-batches as one process with gradient accumulation (DistributedSampler without shuffle
+    hands rank r the positions r, r+W, ..., which __getitem__ undoes)."""
+
+    def __init__(self, dataset, seed, start, length, world_size, device_batch):
+        self.dataset, self.seed, self.start, self.length = dataset, seed, start, length
+        self.world, self.db, self.epoch, self.perm = world_size, device_batch, None, None
+        self.skipped = dataset.skipped
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, p):
+        i, r = divmod(p, self.world)
+        k, j = divmod(i, self.db)
+        epoch, pos = divmod(self.start + (k * self.world + r) * self.db + j, len(self.dataset))
+        if epoch != self.epoch:  # a new permutation per epoch
+            self.perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+            self.epoch = epoch
+        return self.dataset[int(self.perm[pos])]
+
+
+@torch.no_grad()
+def evaluate(model, images, lpips_net, batch):
+    """Held-out PSNR and LPIPS (eval mode: running alignment statistics, no dropout)."""
+    model.eval()
+    p, l = [], []
+    for x in images.split(batch):
+        y = model(x)
+        p.append(psnr(y, x))
+        l.append(lpips_net(y.clamp(-1, 1), x).flatten())
+    model.train()
+    return torch.cat(p).mean().item(), torch.cat(l).mean().item()
+
+
+def save_grid(inputs, recons, path):
+    """Two rows: inputs above their reconstructions."""
+    grid = torch.cat([torch.cat(list(inputs), -1), torch.cat(list(recons.clamp(-1, 1)), -1)], -2)
+    Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(path)
+
+
+@torch.no_grad()
+def compute_latent_stats(model, dataset, num_images, batch, device, ctx):
+    """Per-channel mean and std of the latent over training images x tokens (float64 sums, sharded over ranks)."""
+    n = len(dataset) if num_images <= 0 else min(num_images, len(dataset))
+    idx = list(range(n))[ctx["rank"]::ctx["world_size"]]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch, num_workers=0)
+    model.eval()
+    s = torch.zeros(3, model.latent_channels, dtype=torch.float64, device=device)
+    for x, _ in tqdm(loader, desc="latent statistics", disable=not ctx["master"]):
+        z = model.encode(x.to(device)).double().transpose(0, 1).flatten(1)  # (C, B*h*w)
+        s += torch.stack([torch.full_like(z[:, 0], z.shape[1]), z.sum(1), z.pow(2).sum(1)])
+    if ctx["ddp"]:
+        torch.distributed.all_reduce(s)
+    mean = s[1] / s[0]
+    model.latent_mean.copy_(mean.float())
+    model.latent_std.copy_((s[2] / s[0] - mean ** 2).clamp_min(0).sqrt().float())
+    model.stats_ready.fill_(True)
+    model.train()
+    return n
+
+
+# -----------------------------------------------------------------------------
+# the authors' checkpoint
+
+
+def convert_official(ckpt_path, stats_path, out_path, encoder="vit_small_plus_patch16_dinov3_qkvb"):
+    """Lightning checkpoint of the official SVG AE -> our checkpoint. encoder.* is Meta-format DINOv3 (converted by
+    timm's filter), extra_vit.* a torchvision ViT, decoder.* the LDM decoder; loss.* (discriminator, LPIPS) and
+    norm_vit.* (created but never used by the official encode) are dropped."""
+    raw = data.load_checkpoint(ckpt_path, "official checkpoint") if ckpt_path.endswith(".pt") else None
+    if raw is None:
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"official checkpoint '{ckpt_path}' not found")
+        raw = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # Lightning pickles its hyper-parameters
+    sd = raw.get("state_dict", raw)
+    grid = int(round(math.sqrt(sd["extra_vit.encoder.pos_embedding"].shape[1] - 1)))
+    config = dict(encoder=encoder, image_size=grid * 16, residual=True, depth=0, width=sd["extra_vit.class_token"].shape[-1],
+                  num_heads=8, dropout=0.1, mask_ratio=0.1, ch=sd["decoder.conv_out.weight"].shape[1],
+                  ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, batch_stats=True, decoder_noise=0.0)
+    config["depth"] = len({k.split(".")[3] for k in sd if k.startswith("extra_vit.encoder.layers.")})
+    model = SVGAutoencoder(config)
+    meta = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    ours = {"encoder." + k: v for k, v in timm.models.eva.checkpoint_filter_fn(meta, model.encoder).items()}
+    tv = {"class_token": "cls_token", "conv_proj": "patch_embed", "encoder.pos_embedding": "pos_embed",
+          "encoder.ln.": "norm.", "self_attention.in_proj_weight": "attn.qkv.weight", "self_attention.in_proj_bias":
+          "attn.qkv.bias", "self_attention.out_proj": "attn.proj", "ln_1": "norm1", "ln_2": "norm2", "mlp.0": "mlp.fc1",
+          "mlp.3": "mlp.fc2", "encoder.layers.encoder_layer_": "blocks.", "heads.": "head."}
+    for k, v in sd.items():
+        if k.startswith("extra_vit."):
+            k = k[len("extra_vit."):]
+            for a, b in tv.items():
+                k = k.replace(a, b)
+            ours["residual_vit." + k] = v
+        elif k.startswith("decoder."):
+            ours[k] = v
+        elif k == "mask_token":
+            ours[k] = v.flatten()  # official (1, 8, 1) -> (8,)
+        elif not k.startswith(("encoder.", "loss.", "norm_vit.")):
+            raise SystemExit(f"convert: unexpected key '{k}' in '{ckpt_path}'")
+    stats = data.load_checkpoint(stats_path, "official latent statistics")
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    missing = [k for k in missing if k not in ("align_stats", "align_updates", "latent_mean", "latent_std", "stats_ready")]
+    if missing or unexpected:
+        raise SystemExit(f"convert: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    model.latent_mean.copy_(stats["dinov3_sp_mean"].flatten())
+    model.latent_std.copy_(stats["dinov3_sp_std"].flatten())
+    model.stats_ready.fill_(True)
+    data.save_checkpoint({"model": model.state_dict(), "config": model.config, "step": 0,
+                          "args": {"converted_from": os.path.abspath(ckpt_path)}}, out_path)
+    print(f"wrote {out_path}: official AE ({sum(p.numel() for p in model.parameters()):,} params), per-batch alignment "
+          f"as official (config batch_stats=True), latent statistics from {stats_path}")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Train (or convert, or measure) the SVG autoencoder.")
+    p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size and run preset")
+    p.add_argument("--data", default="shapes", help="'shapes' (built-in) or an image folder (ImageNet layout or flat)")
+    p.add_argument("--out-dir", default="out/ae", help="checkpoint ae.pt, PNG grids and logs go here")
+    p.add_argument("--encoder", default="vit_small_plus_patch16_dinov3_qkvb",
+                   help="frozen timm encoder, e.g. vit_small_patch14_reg4_dinov2.lvd142m, "
+                        "vit_base_patch16_siglip_256.v2_webli, vit_base_patch16_224.mae")
+    p.add_argument("--encoder-weights", default="hub", help="hub (timm download), a timm or Meta .pth file, or random")
+    p.add_argument("--lpips-weights", default="pretrained", choices=["pretrained", "random"],
+                   help="VGG trunk of LPIPS: pretrained (torchvision download) or random (tests only)")
+    p.add_argument("--no-residual", action="store_true", help="DINO-only ablation: no residual encoder")
+    p.add_argument("--batch-stats", action="store_true", help="align with per-batch statistics in eval too (official)")
+    p.add_argument("--decoder-noise", type=float, default=0.0, help="RAE noise augmentation: sigma ~ U(0, TAU) x std(z)")
+    p.add_argument("--mask-ratio", type=float, default=0.1, help="per-sample probability of replacing the residual")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual ViT")
+    p.add_argument("--perceptual-weight", type=float, default=1.0, help="weight of LPIPS in the reconstruction loss")
+    p.add_argument("--disc-start", type=int, default=None, help="iteration at which the GAN loss switches on")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (AE and discriminator)")
+    p.add_argument("--image-size", type=int, default=None, help="training resolution (multiple of 16)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch; accumulation is derived")
+    p.add_argument("--device-batch", type=int, default=None, help="images per process per micro-step")
+    for name in ("log-every", "eval-every", "sample-every", "save-every"):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"{name.replace('-', ' ')} steps")
+    p.add_argument("--eval-images", type=int, default=None, help="held-out images for PSNR / LPIPS")
+    p.add_argument("--stats-images", type=int, default=None, help="training images for latent statistics (0 = all)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ae.pt")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA only; measured slower than fp32 on our CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: from the CPU count)")
+    p.add_argument("--compute-stats", metavar="CKPT", help="recompute the latent statistics of a checkpoint and exit")
+    p.add_argument("--convert-official", metavar="CKPT", help="convert the authors' Lightning checkpoint and exit")
+    p.add_argument("--stats", help="with --convert-official: the official dinov3_sp_stats.pt")
+    p.add_argument("--out", help="with --convert-official: output checkpoint")
+    args = p.parse_args()
+    for k, v in SIZES[args.size].items():
+        if k in vars(args) and getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.image_size % 16:
+        raise SystemExit(f"--image-size {args.image_size} must be a multiple of 16")
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.convert_official:
+        if not (args.stats and args.out):
+            raise SystemExit("--convert-official needs --stats dinov3_sp_stats.pt and --out PATH")
+        convert_official(args.convert_official, args.stats, args.out, args.encoder)
+        return
+    ctx = data.setup(args.seed)
+    device, master, world = ctx["device"], ctx["master"], ctx["world_size"]
+    args.bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    if args.compute_stats:
+        ckpt = data.load_checkpoint(args.compute_stats, "autoencoder checkpoint")
+        model = load_autoencoder(args.compute_stats, device)
+        n = ckpt.get("args", {}).get("stats_images", 0) if args.stats_images is None else args.stats_images
+        n = compute_latent_stats(model, data.build_dataset(args.data, model.image_size, "ae"), n, args.device_batch, device, ctx)
+        if master:
+            ckpt["model"] = model.state_dict()
+            data.save_checkpoint(ckpt, args.compute_stats)
+            print(f"latent statistics over {n} images written to {args.compute_stats}")
+        data.cleanup()
+        return
+
+    path = os.path.join(args.out_dir, "ae.pt")
+    ckpt = data.load_checkpoint(path, "checkpoint to resume") if args.resume else None
+    config = ckpt["config"] if ckpt else dict(
+        encoder=args.encoder, image_size=args.image_size, residual=not args.no_residual, depth=SIZES[args.size]["depth"],
+        width=SIZES[args.size]["width"], num_heads=SIZES[args.size]["num_heads"], dropout=args.dropout,
+        mask_ratio=args.mask_ratio, ch=SIZES[args.size]["ch"], ch_mult=SIZES[args.size]["ch_mult"],
+        num_res_blocks=SIZES[args.size]["num_res_blocks"], batch_stats=args.batch_stats, decoder_noise=args.decoder_noise)
+    raw = SVGAutoencoder(config, None if ckpt else args.encoder_weights).to(device)
+    disc_raw = PatchGAN().to(device)
+    if raw.residual and config["mask_ratio"] == 0:
+        raw.mask_token.requires_grad_(False)  # unused: DDP must not wait for its gradient
+    params = [p for p in raw.parameters() if p.requires_grad]  # residual ViT, mask token, decoder (not the encoder)
+    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9))  # SPEC 1: Adam (0.5, 0.9), no weight decay
+    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    start, history = 0, []
+    if ckpt:
+        raw.load_state_dict(ckpt["model"])
+        disc_raw.load_state_dict(ckpt["disc"])
+        opt.load_state_dict(ckpt["opt"])
+        opt_d.load_state_dict(ckpt["opt_disc"])
+        start, history = ckpt["step"], ckpt["history"]
+    lpips_net = build_lpips(args.lpips_weights).to(device)
+    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+    model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
+    ae = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None) \
+        if ctx["ddp"] else model
+    disc = torch.nn.parallel.DistributedDataParallel(disc_raw, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None) \
+        if ctx["ddp"] else disc_raw
+    n_train = sum(p.numel() for p in params)
+    data.print0(f"config {config}\nrun {vars(args)}\ntrainable {n_train:,} params, encoder "
+                f"{sum(p.numel() for p in raw.encoder.parameters()):,} frozen, latent {raw.latent_channels} x "
+                f"{args.image_size // 16}^2, {world} process(es) x {args.device_batch} x {accum} accumulation on {device}")
+
+    train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
+    val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
+    val_images = torch.stack([val_set[i][0] for i in range(min(args.eval_images, len(val_set)))]).to(device)
+    stream = RunOrder(train_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world, args.device_batch)
+    loader = iter(data.make_loader(stream, args.device_batch, shuffle=False, seed=args.seed, num_workers=args.num_workers))
+    autocast = lambda: data.autocast(device, args.bf16)  # noqa: E731
+    last = raw.decoder.conv_out.weight  # the adaptive GAN weight balances gradients at this layer (SPEC 1)
+
+    def checkpoint(step):
+        data.save_checkpoint({"model": raw.state_dict(), "disc": disc_raw.state_dict(), "opt": opt.state_dict(),
+                              "opt_disc": opt_d.state_dict(), "step": step, "config": config, "args": vars(args),
+                              "history": history}, path)
+
+    def eval_and_samples(step):
+        if step % args.eval_every == 0 or step == args.steps:
+            p, l = evaluate(raw, val_images, lpips_net, args.device_batch)
+            history.append(dict(step=step, psnr=p, lpips=l))
+            print(f"eval step {step} | held-out psnr {p:.2f} dB | lpips {l:.4f}", flush=True)
+        if step % args.sample_every == 0 or step == args.steps:
+            with torch.no_grad():
+                raw.eval()
+                save_grid(val_images[:8].cpu(), raw(val_images[:8]).float().cpu(), os.path.join(args.out_dir, f"recon_{step:06d}.png"))
+                raw.train()
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    raw.train()
+    t0 = time.time()
+    for step in range(start, args.steps):
+        if master:
+            eval_and_samples(step)
+        # randomness (dropout, residual mask, decoder noise) is a function of (seed, step, rank): resume is exact
+        torch.manual_seed(args.seed + 1_000_003 * step + ctx["rank"])
+        np.random.seed((args.seed + 1_000_003 * step + ctx["rank"]) % 2**32)
+        gan = step >= args.disc_start
+        disc_raw.requires_grad_(False)
+        log, pairs = dict(l1=0.0, lpips=0.0, g=0.0, w=0.0, d=0.0, psnr=0.0), []
+        for micro in range(accum):
+            x = next(loader)[0].to(device)
+            sync = ae.no_sync() if ctx["ddp"] and micro < accum - 1 else torch.enable_grad()
+            with sync:
+                with autocast():
+                    y = ae(x)
+                    l1 = (y.float() - x).abs()  # (B, 3, H, W)
+                    p_loss = lpips_net(y, x).float() if args.perceptual_weight > 0 else torch.zeros(len(x), 1, 1, 1, device=device)
+                    rec = (l1 + args.perceptual_weight * p_loss).sum((1, 2, 3)).mean()  # summed over pixels (SPEC 1)
+                    loss = rec
+                    if gan:
+                        g = -disc_raw(y).float().mean()
+                        gr, gg = (torch.autograd.grad(t, last, retain_graph=True)[0] for t in (rec, g))
+                        w = (gr.norm() / (gg.norm() + 1e-4)).clamp(0, 1e4).detach() * DISC_WEIGHT
+                        loss = rec + w * g
+                        log["g"] += g.item() / accum
+                        log["w"] += w.item() / accum
+                (loss / accum).backward()
+            pairs.append((x, y.detach()))
+            log["l1"] += l1.mean().item() / accum
+            log["lpips"] += p_loss.mean().item() / accum
+            log["psnr"] += psnr(y.detach().float(), x).mean().item() / accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if raw.batch_stats_log:  # running alignment statistics: mean over all micro-batches of all ranks
+            s = torch.stack(raw.batch_stats_log).mean(0)
+            raw.batch_stats_log.clear()
+            if ctx["ddp"]:
+                torch.distributed.all_reduce(s)
+                s /= world
+            raw.update_align_stats(s)
+        if gan:  # discriminator: one hinge step on the same images after the AE step (SPEC 1)
+            disc_raw.requires_grad_(True)
+            for micro, (x, y) in enumerate(pairs):
+                with disc.no_sync() if ctx["ddp"] and micro < accum - 1 else torch.enable_grad():
+                    with autocast():
+                        d = 0.5 * (F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(y).float()).mean())
+                    (d / accum).backward()
+                log["d"] += d.item() / accum
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        if master and ((step + 1) % args.log_every == 0 or step == start):
+            dt, t0 = time.time() - t0, time.time()
+            n = (step + 1 - start) % args.log_every or args.log_every if step != start else 1
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
+            skipped = int(train_set.skipped.item())
+            print(f"step {step + 1} | l1 {log['l1']:.4f} | lpips {log['lpips']:.4f} | g {log['g']:.4f} | w {log['w']:.3g} | "
+                  f"d {log['d']:.4f} | psnr {log['psnr']:.2f} | {n * args.batch_size / dt:.1f} img/s | peak mem {mem:.2f} GB"
+                  + (f" | skipped files {skipped}" if skipped else ""), flush=True)
+        if master and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            checkpoint(step + 1)
+            print(f"saved step {step + 1} to {path}", flush=True)
+
+    if master:
+        eval_and_samples(args.steps)
+    n = compute_latent_stats(raw, train_set, args.stats_images, args.device_batch, device, ctx)
+    if master:
+        checkpoint(args.steps)
+        print(f"final: step {args.steps}, latent statistics over {n} images, saved {path}", flush=True)
+    data.cleanup()
+
+
+def peak_rss_gb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+if __name__ == "__main__":
+    main()
