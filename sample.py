@@ -8,7 +8,7 @@ Noise interpolation between two seeds (rows: linear and spherical, per class):
   python sample.py --steps 5 --interpolate 1 --classes 3
 Samples for fid.py (uint8 NHWC `arr_0`, `labels`, and the sampler settings), class-balanced:
   python sample.py --num 50000 --steps 25 --cfg 1.5 --out samples.npz                    # one GPU
-  torchrun --standalone --nproc_per_node=8 sample.py --num 50000 --steps 25 --out samples.npz
+  torchrun --standalone --nproc_per_node=8 sample.py --num-samples 50000 --steps 25 --out samples.npz
 The released weights, once converted (README): python sample.py --ae svg_ae.pt --ckpt svg_xl.pt --steps 5
 """
 import argparse
@@ -112,12 +112,21 @@ def save_grid(images, rows, row_names, path):
     canvas.save(path)
 
 
+def shard(num, batch_size, rank, world_size):
+    """Rank r's contiguous share [start, stop) of `num` samples, cut at whole batches: every sample is computed
+    in the same batch whatever the process count, so the output of N processes equals that of 1 bit for bit
+    (batched kernels round differently for different batch compositions)."""
+    num_batches = math.ceil(num / batch_size)
+    first, last = (num_batches * r // world_size for r in (rank, rank + 1))
+    return min(num, first * batch_size), min(num, last * batch_size)
+
+
 def write_npz(args, model, ae, run):
-    """--num N: rank r makes a contiguous share of the N samples; rank 0 joins the shares in index order."""
+    """--num N: each rank makes its share of the N samples; rank 0 joins the shares in index order."""
     num_classes = model.config["num_classes"]
     classes = args.classes or list(range(num_classes))
     labels = np.array([classes[i % len(classes)] for i in range(args.num)])  # class-balanced (SPEC 4: 50 per class)
-    start, stop = args.num * run["rank"] // run["world_size"], args.num * (run["rank"] + 1) // run["world_size"]
+    start, stop = shard(args.num, args.batch_size, run["rank"], run["world_size"])
     images = generate(model, ae, labels[start:stop], args.seed, args.steps, args.shift, args.cfg, args.solver,
                       args.cfg_interval, args.batch_size, index_offset=start, progress=run["master"])
     part = f"{args.out}.part{run['rank']}.npy"
@@ -155,7 +164,9 @@ def main():
     parser.add_argument("--interpolate", type=int, default=None, metavar="SEED2",
                         help="grid of linear and spherical noise interpolations from --seed to SEED2")
     parser.add_argument("--frames", type=int, default=8, help="--interpolate: images per row")
-    parser.add_argument("--num", type=int, default=0, help="write N samples to an .npz for fid.py instead of a grid")
+    parser.add_argument("--num", "--num-samples", dest="num", type=int, default=0,
+                        help="write N samples to an .npz for fid.py instead of a grid (spell it --num-samples under "
+                             "torchrun, whose own parser mistakes --num for its --numa-binding)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (per process)")
     parser.add_argument("--out", default=None, help="output: samples.png (grid) or samples.npz (--num)")
     args = parser.parse_args()
