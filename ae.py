@@ -67,7 +67,7 @@ def build_encoder(name, weights, img_size):
         raise SystemExit(f"encoder: weights file '{weights}' not found; pass hub, random or an existing .pth")
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
-    except (RuntimeError, KeyError) as e:
+    except Exception as e:  # wrong architecture, not a state dict, truncated file
         raise SystemExit(f"encoder: '{weights}' does not fit '{name}' ({str(e).splitlines()[0][:200]})")
 
 
@@ -393,7 +393,7 @@ def evaluate(model, images, lpips_net, batch):
     for x in images.split(batch):
         y = model(x)
         p.append(psnr(y, x))
-        l.append(lpips_net(y.clamp(-1, 1), x).flatten())
+        l.append(lpips_net(y.clamp(-1, 1), x).flatten() if lpips_net else torch.full((len(x),), float("nan")))
     model.train()
     return torch.cat(p).mean().item(), torch.cat(l).mean().item()
 
@@ -550,6 +550,7 @@ def main():
         data.cleanup()
         return
 
+    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
     path = os.path.join(args.out_dir, "ae.pt")
     ckpt = data.load_checkpoint(path, "checkpoint to resume") if args.resume else None
     config = ckpt["config"] if ckpt else dict(
@@ -557,6 +558,9 @@ def main():
         width=SIZES[args.size]["width"], num_heads=SIZES[args.size]["num_heads"], dropout=args.dropout,
         mask_ratio=args.mask_ratio, ch=SIZES[args.size]["ch"], ch_mult=SIZES[args.size]["ch_mult"],
         num_res_blocks=SIZES[args.size]["num_res_blocks"], batch_stats=args.batch_stats, decoder_noise=args.decoder_noise)
+    train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
+    val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (random encoder and LPIPS trunk included)
     raw = SVGAutoencoder(config, None if ckpt else args.encoder_weights).to(device)
     disc_raw = PatchGAN().to(device)
     if raw.residual and config["mask_ratio"] == 0:
@@ -571,8 +575,8 @@ def main():
         opt.load_state_dict(ckpt["opt"])
         opt_d.load_state_dict(ckpt["opt_disc"])
         start, history = ckpt["step"], ckpt["history"]
-    lpips_net = build_lpips(args.lpips_weights).to(device)
-    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+        data.print0(f"resumed from step {start} of {path}")
+    lpips_net = build_lpips(args.lpips_weights).to(device) if args.perceptual_weight > 0 else None  # None: L1 only
     model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
     ae = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None) \
         if ctx["ddp"] else model
@@ -583,8 +587,6 @@ def main():
                 f"{sum(p.numel() for p in raw.encoder.parameters()):,} frozen, latent {raw.latent_channels} x "
                 f"{args.image_size // 16}^2, {world} process(es) x {args.device_batch} x {accum} accumulation on {device}")
 
-    train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
-    val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
     val_images = torch.stack([val_set[i][0] for i in range(min(args.eval_images, len(val_set)))]).to(device)
     stream = RunOrder(train_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world, args.device_batch)
     loader = iter(data.make_loader(stream, args.device_batch, shuffle=False, seed=args.seed, num_workers=args.num_workers))
@@ -613,20 +615,22 @@ def main():
     for step in range(start, args.steps):
         if master:
             eval_and_samples(step)
-        # randomness (dropout, residual mask, decoder noise) is a function of (seed, step, rank): resume is exact
-        torch.manual_seed(args.seed + 1_000_003 * step + ctx["rank"])
-        np.random.seed((args.seed + 1_000_003 * step + ctx["rank"]) % 2**32)
         gan = step >= args.disc_start
         disc_raw.requires_grad_(False)
         log, pairs = dict(l1=0.0, lpips=0.0, g=0.0, w=0.0, d=0.0, psnr=0.0), []
         for micro in range(accum):
+            # randomness (dropout, residual mask, decoder noise) is a function of (seed, step, chunk of the global
+            # batch): a resumed run, and 1 or N processes, draw the same numbers for the same images
+            chunk_seed = args.seed + 1_000_003 * step + micro * world + ctx["rank"]
+            torch.manual_seed(chunk_seed)
+            np.random.seed(chunk_seed % 2**32)
             x = next(loader)[0].to(device)
             sync = ae.no_sync() if ctx["ddp"] and micro < accum - 1 else torch.enable_grad()
             with sync:
                 with autocast():
                     y = ae(x)
                     l1 = (y.float() - x).abs()  # (B, 3, H, W)
-                    p_loss = lpips_net(y, x).float() if args.perceptual_weight > 0 else torch.zeros(len(x), 1, 1, 1, device=device)
+                    p_loss = lpips_net(y, x).float() if lpips_net else torch.zeros(len(x), 1, 1, 1, device=device)
                     rec = (l1 + args.perceptual_weight * p_loss).sum((1, 2, 3)).mean()  # summed over pixels (SPEC 1)
                     loss = rec
                     if gan:

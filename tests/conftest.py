@@ -24,9 +24,9 @@ def torchrun(nproc, *args, timeout=900):
 
 
 # Flags for a tiny, offline autoencoder run: random encoder and LPIPS trunk (no downloads), few steps, few images.
-TINY_AE_FLAGS = ("--size", "tiny", "--encoder-weights", "random", "--lpips-weights", "random", "--steps", "24",
-                 "--batch-size", "4", "--device-batch", "4", "--eval-every", "12", "--eval-images", "16",
-                 "--stats-images", "64", "--num-workers", "0", "--log-every", "4")
+TINY_AE_FLAGS = ("--size", "tiny", "--encoder-weights", "random", "--lpips-weights", "random", "--steps", "16",
+                 "--batch-size", "4", "--device-batch", "4", "--eval-every", "8", "--eval-images", "16",
+                 "--stats-images", "32", "--num-workers", "0", "--log-every", "4", "--perceptual-weight", "0")
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +37,18 @@ def tiny_ae_ckpt(tmp_path_factory):
     log = run("ae.py", *TINY_AE_FLAGS, "--out-dir", str(out))
     (out / "log.txt").write_text(log)
     return str(out / "ae.pt")
+
+
+# Flags for a tiny diffusion run on the tiny AE: a few steps, one EMA preview at the end (exercises the sampler).
+TINY_DIT_FLAGS = ("--size", "tiny", "--steps", "4", "--batch-size", "4", "--device-batch", "4", "--log-every", "1",
+                  "--sample-every", "4", "--num-workers", "0", "--ema-decay", "0.9")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_ckpt(tiny_ae_ckpt, tmp_path_factory):
+    """Train a tiny DiT once per session (diffusion.py on the tiny AE's latents of the built-in shapes) and
+    return its checkpoint path. The run's log is at <dir>/log.txt."""
+    out = tmp_path_factory.mktemp("tiny_dit")
+    log = run("diffusion.py", *TINY_DIT_FLAGS, "--ae", tiny_ae_ckpt, "--out-dir", str(out))
+    (out / "log.txt").write_text(log)
+    return str(out / "dit.pt")
