@@ -6,7 +6,7 @@ that sample.py and fid.py import from here.
 CPU, tiny (minutes):     python diffusion.py --size tiny                      (needs out/ae/ae.pt)
 one GPU:                 python diffusion.py --size XL --data /path/to/imagenet/train --ae out/ae/ae.pt
 8 GPUs (the paper's):    torchrun --nproc_per_node=8 diffusion.py --size XL --data /path/to/imagenet/train
-resume:                  python diffusion.py --size tiny --resume out/dit/dit.pt --steps 800
+resume:                  python diffusion.py --size tiny --resume --steps 800
 official weights:        python diffusion.py --convert-official V1-SVG-XL-7000K-256x256.pt --ae AE.pt --out svg_xl.pt
 """
 import argparse
@@ -193,8 +193,9 @@ def load_model(path, ema=True):
 
 
 def time_warp(u, shift):
-    """t = s u / (1 + (s - 1) u); s < 1 spends more time near the noise end, s <= 0 means no warp."""
-    return u if shift <= 0 else shift * u / (1 + (shift - 1) * u)
+    """t = s u / (1 + (s - 1) u), written as s u / (s u + (1 - u)) so that u = 1 maps to exactly 1;
+    s < 1 spends more time near the noise end, s <= 0 means no warp."""
+    return u if shift <= 0 else shift * u / (shift * u + (1 - u))
 
 
 def flow_loss(model, x1, y, shift, x0=None, u=None):
@@ -374,7 +375,7 @@ def parse_args():
     p.add_argument("--sample-every", type=int, default=None, help="steps between EMA preview grids (0: never)")
     p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (and one at the end)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100/A100 table, CPU guess)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue (model, EMA, optimizer, step)")
+    p.add_argument("--resume", action="store_true", help="continue OUT_DIR/dit.pt (model, EMA, optimizer, step)")
     p.add_argument("--convert-official", default=None, metavar="OFFICIAL.pt", help="convert the authors' DiT, then exit")
     p.add_argument("--out", default=None, help="output path of --convert-official")
     return p.parse_args()
@@ -400,10 +401,11 @@ def main():
 
     config = dict(in_channels=info["latent_channels"], grid=info["grid"], num_classes=dataset.num_classes,
                   class_dropout=args.class_dropout, mlp_ratio=4.0, **SIZES[args.size])
-    ckpt = data.load_checkpoint(args.resume, "diffusion checkpoint") if args.resume else None
+    ckpt_path = os.path.join(args.out_dir, "dit.pt")
+    ckpt = data.load_checkpoint(ckpt_path, "checkpoint to resume") if args.resume else None
     if ckpt is not None:
         if ckpt["config"] != config:
-            raise SystemExit(f"--resume {args.resume} has config {ckpt['config']}, these flags and AE give {config}: "
+            raise SystemExit(f"--resume: {ckpt_path} has config {ckpt['config']}, these flags and AE give {config}: "
                              f"pass the same --size, --data and --ae (it was trained on {ckpt['ae']['path']})")
     raw = DiT(**config).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
@@ -431,7 +433,6 @@ def main():
                 f"parameters, {macs / 1e9:.2f} GMACs/image forward; {world} process(es) x {args.device_batch} x {accum} "
                 f"accumulation = {args.batch_size}; peak {peak:.1f} TFLOPs for MFU")
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "dit.pt")
     T, C = config["grid"] ** 2, config["in_channels"]
     raw.train()
     t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)

@@ -1,0 +1,229 @@
+"""diffusion.py: the model, the flow math, the official converter and the training loop (CPU, offline)."""
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run, torchrun
+
+import diffusion
+from diffusion import DiT, SIZES, convert_official, flow_loss, time_grid, update_ema
+
+SMALL = dict(in_channels=32, grid=4, depth=2, width=64, num_heads=4, num_classes=10)
+
+
+def test_time_grid_values():
+    """SPEC 3: the 5-step grid with the sampling shift 0.15."""
+    grid = time_grid(5, 0.15)
+    assert grid[0] == 0 and grid[-1] == 1
+    assert np.allclose(grid.numpy(), [0, 0.036, 0.091, 0.184, 0.375, 1.0], atol=5e-4)
+    assert torch.equal(time_grid(4, 0.0), torch.linspace(0, 1, 5, dtype=torch.float64))  # shift <= 0: no warp
+
+
+def test_xl_parameter_count_on_meta():
+    """Official 676,437,904 minus the unused output half (451,976) and the fixed position table (294,912)."""
+    with torch.device("meta"):
+        model = DiT(**SIZES["XL"])
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 675_691_016
+    assert "pos_embed" not in model.state_dict()
+
+
+def test_zero_init_and_shapes():
+    model = DiT(**SMALL)
+    x = torch.randn(3, 16, 32)
+    v = model(x, torch.rand(3), torch.tensor([0, 9, 10]))  # 10 = the null class
+    assert v.shape == x.shape and torch.count_nonzero(v) == 0  # adaLN-Zero and zero output layer
+
+
+def test_overfits_a_single_latent():
+    """One latent, fresh noise every step: v = (x1 - x_t)/(1 - t) is a function of (x_t, t), so a model
+    as wide as the token must drive the loss from ~2 (= E|x1 - x0|^2) towards zero."""
+    torch.manual_seed(0)
+    model = DiT(**SMALL)
+    x1 = torch.randn(1, 16, 32).expand(64, -1, -1)
+    y = torch.zeros(64, dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(500):
+        loss = flow_loss(model, x1, y, 0.4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[:5]) > 1.5
+    assert np.mean(losses[-25:]) < 0.1, losses[-25:]
+
+
+def test_ema_decay_zero_equals_model():
+    model, ema = DiT(**SMALL), DiT(**SMALL)
+    for p in model.parameters():
+        p.data.normal_()
+    update_ema(ema, model, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), model.state_dict().values()))
+    before = [p.clone() for p in ema.parameters()]
+    update_ema(ema, DiT(**SMALL), 0.9)
+    assert not torch.equal(before[0], next(ema.parameters()))
+
+# -----------------------------------------------------------------------------
+# the official checkpoint: names and shapes of official_keys.txt, forward written from the official code
+
+
+def official_shapes(depth, width, num_heads, in_channels, tokens, num_classes, mlp_ratio=4):
+    head = width // num_heads
+    shapes = {"pos_embed": (1, tokens, width), "t_embedder.mlp.0.weight": (width, 256), "t_embedder.mlp.0.bias": (width,),
+              "t_embedder.mlp.2.weight": (width, width), "t_embedder.mlp.2.bias": (width,),
+              "y_embedder.embedding_table.weight": (num_classes + 1, width)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
+                       b + "attn.q_norm.weight": (head,), b + "attn.q_norm.bias": (head,),
+                       b + "attn.k_norm.weight": (head,), b + "attn.k_norm.bias": (head,),
+                       b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+                       b + "mlp.fc1.weight": (mlp_ratio * width, width), b + "mlp.fc1.bias": (mlp_ratio * width,),
+                       b + "mlp.fc2.weight": (width, mlp_ratio * width), b + "mlp.fc2.bias": (width,),
+                       b + "adaLN_modulation.1.weight": (6 * width, width), b + "adaLN_modulation.1.bias": (6 * width,)})
+    shapes.update({"ln1.weight": (width, in_channels), "ln1.bias": (width,),
+                   "final_layer.linear.weight": (2 * in_channels, width), "final_layer.linear.bias": (2 * in_channels,),
+                   "final_layer.adaLN_modulation.1.weight": (2 * width, width),
+                   "final_layer.adaLN_modulation.1.bias": (2 * width,)})
+    return shapes
+
+
+def mae_pos_embed(width, grid):
+    """MAE's numpy recipe as in the official code: meshgrid with w first, half for each axis, [sin | cos]."""
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), axis=0)
+    return np.concatenate([one_d(width // 2, g[0]), one_d(width // 2, g[1])], axis=1)
+
+
+def official_forward(sd, x, t, y, depth, num_heads):
+    """The official DiT forward with learn_sigma's 2C output, written from models_SVG.py with plain ops."""
+    lin = lambda h, k: F.linear(h, sd[k + ".weight"], sd[k + ".bias"])  # noqa: E731
+    mod = lambda h, shift, scale: h * (1 + scale[:, None]) + shift[:, None]  # noqa: E731
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    tf = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)
+    c = lin(F.silu(lin(tf, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    h = lin(x, "ln1") + sd["pos_embed"]
+    B, T, D = h.shape
+    for i in range(depth):
+        b = f"blocks.{i}."
+        s1, sc1, g1, s2, sc2, g2 = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, dim=1)
+        a = mod(F.layer_norm(h, (D,), eps=1e-6), s1, sc1)
+        q, k, v = lin(a, b + "attn.qkv").reshape(B, T, 3, num_heads, D // num_heads).permute(2, 0, 3, 1, 4)
+        q = F.layer_norm(q, (D // num_heads,), sd[b + "attn.q_norm.weight"], sd[b + "attn.q_norm.bias"])
+        k = F.layer_norm(k, (D // num_heads,), sd[b + "attn.k_norm.weight"], sd[b + "attn.k_norm.bias"])
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // num_heads), -1) @ v
+        h = h + g1[:, None] * lin(att.transpose(1, 2).reshape(B, T, D), b + "attn.proj")
+        m = mod(F.layer_norm(h, (D,), eps=1e-6), s2, sc2)
+        h = h + g2[:, None] * lin(F.gelu(lin(m, b + "mlp.fc1"), approximate="tanh"), b + "mlp.fc2")
+    shift, scale = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    return lin(mod(F.layer_norm(h, (D,), eps=1e-6), shift, scale), "final_layer.linear")
+
+
+def test_official_converter_same_velocity():
+    torch.manual_seed(0)
+    depth, width, C, grid, classes = 2, 64, 24, 4, 10
+    sd = {k: torch.randn(s) * 0.2 for k, s in official_shapes(depth, width, 4, C, grid * grid, classes).items()}
+    sd["pos_embed"] = torch.from_numpy(mae_pos_embed(width, grid)).float()[None]
+    ours, config = convert_official(sd)
+    assert (config["depth"], config["width"], config["num_heads"], config["num_classes"]) == (depth, width, 4, classes)
+    model = DiT(**config)
+    assert model.load_state_dict(ours, strict=True)  # every official key mapped, none left over
+    x, t, y = torch.randn(3, grid * grid, C), torch.rand(3), torch.tensor([1, 5, classes])
+    with torch.no_grad():
+        ref = official_forward(sd, x, t, y, depth, 4)[..., :C]  # the velocity half
+        torch.testing.assert_close(model(x, t, y), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_official_converter_xl_keys_and_shapes():
+    shapes = official_shapes(28, 1152, 16, 392, 256, 1000)
+    assert sum(math.prod(s) for s in shapes.values()) == 676_437_904  # the listing matches official_keys.txt
+    ours, config = convert_official({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    with torch.device("meta"):
+        model = DiT(**config)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert config == dict(in_channels=392, grid=16, depth=28, width=1152, num_heads=16, num_classes=1000,
+                          class_dropout=0.1, mlp_ratio=4.0)
+
+# -----------------------------------------------------------------------------
+# the training loop (subprocesses, as a user runs it)
+
+
+def losses(log):
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+) \| loss ([\d.]+)", log)}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)  # plain dict: loads under weights_only
+
+
+def test_tiny_run_checkpoint_and_preview(tiny_dit_ckpt):
+    ckpt = load(tiny_dit_ckpt)
+    assert set(ckpt) == {"model", "ema", "opt", "step", "config", "args", "ae"} and ckpt["step"] == 4
+    assert ckpt["ae"]["latent_mean"].shape == (ckpt["ae"]["latent_channels"],) and ckpt["ae"]["grid"] ** 2 * 16 ** 2 == ckpt["ae"]["image_size"] ** 2
+    model = diffusion.load_model(tiny_dit_ckpt)
+    assert not model.training and model.step == 4 and model.ae["path"] == ckpt["ae"]["path"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ckpt["ema"].values()))
+    log = (tmp := os.path.dirname(tiny_dit_ckpt)) and open(os.path.join(tmp, "log.txt")).read()
+    assert sorted(losses(log)) == [1, 2, 3, 4] and "images/s" in log and "MFU" in log
+    assert os.path.isfile(os.path.join(tmp, "preview_0000004.png"))
+
+
+def test_resume_gives_the_same_losses(tiny_ae_ckpt, tiny_dit_ckpt, tmp_path):
+    """Stop the fixture's 4-step run after 2 steps, resume it: same losses, same final weights."""
+    from conftest import TINY_DIT_FLAGS
+    flags = [*TINY_DIT_FLAGS, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path), "--sample-every", "0"]
+    first = losses(run("diffusion.py", *flags, "--steps", "2"))
+    second = losses(run("diffusion.py", *flags, "--steps", "4", "--resume"))
+    reference = losses(open(os.path.join(os.path.dirname(tiny_dit_ckpt), "log.txt")).read())
+    assert {**first, **second} == reference
+    ours, ref = load(tmp_path / "dit.pt"), load(tiny_dit_ckpt)
+    for key in ("model", "ema"):
+        for name in ref[key]:
+            torch.testing.assert_close(ours[key][name], ref[key][name], rtol=0, atol=0)
+
+
+def test_two_processes_match_one(tiny_ae_ckpt, tmp_path):
+    """Same global batch 4: 1 process x 2 micro-batches of 2 (accumulation) vs 2 gloo processes x 2.
+    EMA decay 0 makes the EMA equal to the model."""
+    flags = ["diffusion.py", "--size", "tiny", "--ae", tiny_ae_ckpt, "--steps", "3", "--batch-size", "4",
+             "--device-batch", "2", "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--no-bf16",
+             "--no-flip", "--ema-decay", "0"]
+    one = losses(torchrun(1, *flags, "--out-dir", str(tmp_path / "one")))
+    two = losses(torchrun(2, *flags, "--out-dir", str(tmp_path / "two")))
+    assert sorted(one) == [1, 2, 3] and np.allclose([two[k] for k in one], list(one.values()), rtol=1e-5, atol=1e-5)
+    a, b = load(tmp_path / "one" / "dit.pt"), load(tmp_path / "two" / "dit.pt")
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(b["ema"][name], b["model"][name])
+
+
+def test_compile_runs(tiny_ae_ckpt, tmp_path):
+    log = run("diffusion.py", "--size", "tiny", "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path), "--compile",
+              "--steps", "2", "--batch-size", "2", "--device-batch", "2", "--log-every", "1", "--sample-every", "0",
+              "--num-workers", "0")
+    assert sorted(losses(log)) == [1, 2]
+    assert not any(k.startswith("_orig_mod") for k in load(tmp_path / "dit.pt")["model"])
+
+
+def test_clear_errors(tiny_ae_ckpt, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="AE checkpoint .* not found"):
+        diffusion.load_frozen_ae(str(tmp_path / "missing.pt"), "cpu")
+    ckpt = load(tiny_ae_ckpt)
+    ckpt["model"]["stats_ready"] = torch.zeros((), dtype=torch.bool)
+    torch.save(ckpt, tmp_path / "nostats.pt")
+    with pytest.raises(SystemExit, match="no latent statistics"):
+        diffusion.load_frozen_ae(str(tmp_path / "nostats.pt"), "cpu")
+    # a checkpoint of another size cannot be resumed
+    os.makedirs(tmp_path / "dit")
+    torch.save({"config": dict(SMALL), "ae": {"path": "x"}}, tmp_path / "dit" / "dit.pt")
+    monkeypatch.setattr("sys.argv", ["diffusion.py", "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path / "dit"), "--resume"])
+    with pytest.raises(SystemExit, match="pass the same --size"):
+        diffusion.main()
