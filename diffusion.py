@@ -278,7 +278,8 @@ def convert_official(sd):
 
 
 def convert_official_cli(args):
-    official = data.load_checkpoint(args.convert_official, "official DiT checkpoint")
+    with torch.serialization.safe_globals([argparse.Namespace]):  # DiT-style scripts pickle their args
+        official = data.load_checkpoint(args.convert_official, "official DiT checkpoint")
     ae = load_frozen_ae(args.ae, "cpu")
     sds = {k: official[k] for k in ("ema", "model") if k in official} or {"ema": official}  # or a bare state dict
     out = {}

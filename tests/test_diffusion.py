@@ -1,4 +1,5 @@
 """diffusion.py: the model, the flow math, the official converter and the training loop (CPU, offline)."""
+import argparse
 import math
 import os
 import re
@@ -43,11 +44,11 @@ def test_overfits_a_single_latent():
     as wide as the token must drive the loss from ~2 (= E|x1 - x0|^2) towards zero."""
     torch.manual_seed(0)
     model = DiT(**SMALL)
-    x1 = torch.randn(1, 16, 32).expand(64, -1, -1)
-    y = torch.zeros(64, dtype=torch.long)
+    x1 = torch.randn(1, 16, 32).expand(32, -1, -1)
+    y = torch.zeros(32, dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(500):
+    for _ in range(400):
         loss = flow_loss(model, x1, y, 0.4)
         opt.zero_grad()
         loss.backward()
@@ -227,3 +228,23 @@ def test_clear_errors(tiny_ae_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["diffusion.py", "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path / "dit"), "--resume"])
     with pytest.raises(SystemExit, match="pass the same --size"):
         diffusion.main()
+
+
+def test_convert_official_cli(tiny_ae_ckpt, tmp_path, monkeypatch):
+    """The CLI path: an official-format file (with a pickled Namespace, as DiT's scripts save) at the tiny AE's
+    latent size -> our checkpoint -> load_model gives the official velocity."""
+    torch.manual_seed(0)
+    ae = load(tiny_ae_ckpt)["model"]
+    C, grid = ae["latent_mean"].numel(), 4  # the tiny AE: 64 px -> 4x4 tokens
+    sd = {k: torch.randn(s) * 0.2 for k, s in official_shapes(2, 64, 4, C, grid * grid, 10).items()}
+    sd["pos_embed"] = torch.from_numpy(mae_pos_embed(64, grid)).float()[None]
+    torch.save({"ema": sd, "args": argparse.Namespace(model="DiT")}, tmp_path / "official.pt")
+    monkeypatch.setattr("sys.argv", ["diffusion.py", "--convert-official", str(tmp_path / "official.pt"),
+                                     "--ae", tiny_ae_ckpt, "--out", str(tmp_path / "ours.pt")])
+    with pytest.warns(UserWarning, match="width 64 < token dimension"):
+        diffusion.main()
+        model = diffusion.load_model(str(tmp_path / "ours.pt"))
+    x, t, y = torch.randn(2, grid * grid, C), torch.rand(2), torch.tensor([3, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), official_forward(sd, x, t, y, 2, 4)[..., :C], rtol=1e-4, atol=1e-4)
+    assert model.ae["grid"] == grid and model.ae["latent_channels"] == C
