@@ -18,12 +18,15 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
 from ae import load_autoencoder
 from diffusion import from_tokens, load_model, sample
+
+# DiT's showcase classes (golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox)
+IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 def noise_for(seed, indices, tokens, channels):
@@ -102,7 +105,7 @@ def save_grid(images, rows, row_names, path):
     n, h, w, _ = images.shape
     cols = n // rows
     grid = images.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
-    margin = 8 + 6 * max(len(s) for s in row_names)  # PIL's default bitmap font is ~6 px per character
+    margin = 8 + int(max(ImageFont.load_default().getlength(s) for s in row_names))
     canvas = Image.new("RGB", (margin + cols * w, rows * h), "white")
     canvas.paste(Image.fromarray(grid), (margin, 0))
     draw = ImageDraw.Draw(canvas)
@@ -129,8 +132,8 @@ def write_npz(args, model, ae, run):
     start, stop = shard(args.num, args.batch_size, run["rank"], run["world_size"])
     images = generate(model, ae, labels[start:stop], args.seed, args.steps, args.shift, args.cfg, args.solver,
                       args.cfg_interval, args.batch_size, index_offset=start, progress=run["master"])
-    part = f"{args.out}.part{run['rank']}.npy"
-    np.save(part, images)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.save(f"{args.out}.part{run['rank']}.npy", images)  # through the disk: 50k images are too big for gloo/NCCL
     if run["ddp"]:
         dist.barrier()
     if run["master"]:
@@ -158,7 +161,8 @@ def main():
     parser.add_argument("--cfg", type=float, default=1.0, help="guidance scale; 1 = off (no unconditional pass)")
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
                         help="apply guidance only for t in [LO, HI] (t=0 noise, t=1 data)")
-    parser.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all, or 0..7)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all for --num; "
+                        "the grid: the first 10, or DiT's 8 showcase classes for ImageNet)")
     parser.add_argument("--per-class", type=int, default=4, help="grid: samples per class (one row per class)")
     parser.add_argument("--seed", type=int, default=0, help="sample i uses noise (seed, i)")
     parser.add_argument("--interpolate", type=int, default=None, metavar="SEED2",
@@ -168,6 +172,7 @@ def main():
                         help="write N samples to an .npz for fid.py instead of a grid (spell it --num-samples under "
                              "torchrun, whose own parser mistakes --num for its --numa-binding)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (per process)")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA: faster, not the fp32 protocol")
     parser.add_argument("--out", default=None, help="output: samples.png (grid) or samples.npz (--num)")
     args = parser.parse_args()
     args.out = args.out or ("samples.npz" if args.num else "samples.png")
@@ -182,6 +187,7 @@ def main():
     if not os.path.isfile(args.ckpt):
         raise SystemExit(f"sample: diffusion checkpoint '{args.ckpt}' not found; train one with diffusion.py or pass --ckpt")
     run = data.setup(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # sample in fp32 by default (SPEC 2, RAE's note on precision)
     if run["ddp"] and not args.num:
         raise SystemExit("sample: torchrun is only for --num N; run grids with plain python")
     model, ae = load(args.ckpt, args.ae, ema=not args.no_ema, device=run["device"])
@@ -207,9 +213,9 @@ def main():
         labels = [c for _, c in rows for _ in alphas]
         images = generate(model, ae, labels, args.seed, args.steps, args.shift, args.cfg, args.solver,
                           args.cfg_interval, args.batch_size, noise=noise)
-        save_grid(images, len(rows), [f"{kind} {names[c]}" for kind, c in rows], args.out)
+        save_grid(images, len(rows), [f"{kind}: {names[c]}" for kind, c in rows], args.out)
     else:
-        classes = args.classes or list(range(min(num_classes, 10)))
+        classes = args.classes or (IMAGENET_SHOWCASE if num_classes == 1000 else list(range(min(num_classes, 10))))
         labels = [c for c in classes for _ in range(args.per_class)]
         images = generate(model, ae, labels, args.seed, args.steps, args.shift, args.cfg, args.solver,
                           args.cfg_interval, args.batch_size)
