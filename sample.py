@@ -44,14 +44,6 @@ def slerp(z0, z1, alpha):
 
 
 @torch.no_grad()
-def decode_uint8(ae, model, tokens):
-    """Final tokens [B,T,C] (standardised) -> uint8 [B,H,W,3]."""
-    z = ae.unstandardize(from_tokens(tokens.float(), model.ae["grid"]))  # (B, C, h, w)
-    images = ae.decode(z).clamp(-1, 1)  # (B, 3, H, W)
-    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-@torch.no_grad()
 def generate(model, ae, labels, seed, steps, shift, cfg, solver, interval, batch_size, index_offset=0,
              noise=None, progress=False):
     """Images for `labels` (sample i uses noise (seed, index_offset + i)), uint8 NHWC numpy.
@@ -65,8 +57,9 @@ def generate(model, ae, labels, seed, steps, shift, cfg, solver, interval, batch
         x0 = noise[start:stop] if noise is not None else noise_for(seed, range(index_offset + start, index_offset + stop),
                                                                    tokens, channels)
         x1 = sample(model, x0.to(device), labels[start:stop].to(device), steps=steps, shift=shift, cfg=cfg,
-                    solver=solver, interval=tuple(interval))
-        out.append(decode_uint8(ae, model, x1))
+                    solver=solver, interval=tuple(interval))  # (b, T, C), standardised latent tokens
+        images = ae.decode(ae.unstandardize(from_tokens(x1.float(), model.ae["grid"]))).clamp(-1, 1)  # (b, 3, H, W)
+        out.append(((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, ae.image_size, ae.image_size, 3), np.uint8)
 
 
@@ -172,7 +165,7 @@ def main():
                         help="write N samples to an .npz for fid.py instead of a grid (spell it --num-samples under "
                              "torchrun, whose own parser mistakes --num for its --numa-binding)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (per process)")
-    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA: faster, not the fp32 protocol")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA: faster, not fp32")
     parser.add_argument("--out", default=None, help="output: samples.png (grid) or samples.npz (--num)")
     args = parser.parse_args()
     args.out = args.out or ("samples.npz" if args.num else "samples.png")
@@ -187,7 +180,8 @@ def main():
     if not os.path.isfile(args.ckpt):
         raise SystemExit(f"sample: diffusion checkpoint '{args.ckpt}' not found; train one with diffusion.py or pass --ckpt")
     run = data.setup(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # sample in fp32 by default (SPEC 2, RAE's note on precision)
+    # fp32 by default: sampling precision moves FID (SPEC 2, RAE's note); data.setup turned TF32 on for training
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if run["ddp"] and not args.num:
         raise SystemExit("sample: torchrun is only for --num N; run grids with plain python")
     model, ae = load(args.ckpt, args.ae, ema=not args.no_ema, device=run["device"])
