@@ -63,12 +63,27 @@ def generate(model, ae, labels, seed, steps, shift, cfg, solver, interval, batch
     return np.concatenate(out) if out else np.zeros((0, ae.image_size, ae.image_size, 3), np.uint8)
 
 
+def peek(path):
+    """A checkpoint's dict without reading its tensors (memory-mapped); None when it is no such file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, truncated or foreign: data.load_checkpoint reports it in one line
+        return None
+
+
 def load(ckpt, ae_path=None, ema=True, device="cpu"):
-    """The DiT and the AE it was trained on, checked to agree. fid.py can use this too."""
+    """The DiT and the AE it was trained on, checked to agree. fid.py uses this too."""
+    meta = peek(ckpt)
+    if isinstance(meta, dict) and "ae" not in meta:
+        raise SystemExit(f"sample: '{ckpt}' is not a diffusion.py checkpoint (an AE's?); pass the DiT as --ckpt, "
+                         "or convert the official one with diffusion.py --convert-official")
     model = load_model(ckpt, ema=ema).to(device)
+    model.args = (meta or {}).get("args") or {}  # class names of the grid
     ae_path = ae_path or model.ae["path"]
     if not os.path.isfile(ae_path):
         raise SystemExit(f"sample: AE checkpoint '{ae_path}' (recorded in '{ckpt}') not found; pass --ae PATH")
+    if "ae" in (peek(ae_path) or {}):
+        raise SystemExit(f"sample: --ae '{ae_path}' is a diffusion checkpoint; pass the AE (ae.py) checkpoint")
     ae = load_autoencoder(ae_path, device=device)
     want = (model.ae["latent_channels"], model.ae["grid"])
     have = (ae.latent_channels, ae.image_size // ae.patch_size)
@@ -85,10 +100,10 @@ def load(ckpt, ae_path=None, ema=True, device="cpu"):
     return model, ae
 
 
-def class_names(ckpt, num_classes):
-    """Built-in data: the shape names; anything else: class ids. Peeks at the DiT's args without loading it."""
-    args = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("args") or {}
-    if args.get("data") == "shapes" and num_classes == len(data.SHAPE_CLASSES):
+def class_names(model):
+    """Built-in data: the shape names; anything else (ImageNet, converted weights): class ids."""
+    num_classes = model.config["num_classes"]
+    if model.args.get("data") == "shapes" and num_classes == len(data.SHAPE_CLASSES):
         return list(data.SHAPE_CLASSES)
     return [str(c) for c in range(num_classes)]
 
@@ -194,7 +209,7 @@ def main():
     if args.num:
         write_npz(args, model, ae, run)
         return data.cleanup()
-    names = class_names(args.ckpt, num_classes)
+    names = class_names(model)
     if args.interpolate is not None:
         classes = args.classes or [0]
         tokens, channels = model.ae["grid"] ** 2, model.ae["latent_channels"]

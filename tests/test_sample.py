@@ -234,3 +234,8 @@ def test_clear_errors_with_checkpoints(monkeypatch, tiny_dit_ckpt, tiny_ae_ckpt,
     msg = main_fails(monkeypatch, "--ckpt", str(tmp_path / "other.pt"), "--ae", tiny_ae_ckpt)
     assert "384-channel" in msg and "392-channel" in msg and "pass the AE it was trained on" in msg
     assert "gone.pt" in main_fails(monkeypatch, "--ckpt", str(tmp_path / "other.pt"))
+    # the two checkpoints swapped
+    assert "not a diffusion.py checkpoint" in main_fails(monkeypatch, "--ckpt", tiny_ae_ckpt)
+    assert "is a diffusion checkpoint" in main_fails(monkeypatch, "--ckpt", tiny_dit_ckpt, "--ae", tiny_dit_ckpt)
+    (tmp_path / "cut.pt").write_bytes(open(tiny_dit_ckpt, "rb").read()[:1000])  # an interrupted download
+    assert "cannot be read" in main_fails(monkeypatch, "--ckpt", str(tmp_path / "cut.pt"))
