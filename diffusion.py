@@ -475,7 +475,7 @@ def main():
             img_s = (step - step_log) * args.batch_size / dt
             mfu = 6 * macs * img_s / world / (peak * 1e12)  # train = 3 forwards, 2 FLOPs per MAC
             data.print0(f"step {step} | loss {loss_log.item() / (step - step_log):.6f} | lr {args.lr:.2e} | "
-                        f"{img_s:.1f} images/s | MFU {100 * mfu:.2f}% | peak mem {peak_memory_gib(device):.2f} GiB")
+                        f"{img_s:.2f} images/s | MFU {100 * mfu:.2f}% | peak mem {peak_memory_gib(device):.2f} GiB")
             t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
         if run["master"] and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             save_preview(ema, ae, os.path.join(args.out_dir, f"preview_{step:07d}.png"), args.seed)

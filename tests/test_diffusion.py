@@ -218,7 +218,7 @@ def test_clear_errors(tiny_ae_ckpt, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="AE checkpoint .* not found"):
         diffusion.load_frozen_ae(str(tmp_path / "missing.pt"), "cpu")
     ckpt = load(tiny_ae_ckpt)
-    ckpt["model"]["stats_ready"] = torch.zeros((), dtype=torch.bool)
+    ckpt["model"]["stats_ready"] = torch.zeros((), dtype=torch.bool)  # ae.py's buffer behind has_stats
     torch.save(ckpt, tmp_path / "nostats.pt")
     with pytest.raises(SystemExit, match="no latent statistics"):
         diffusion.load_frozen_ae(str(tmp_path / "nostats.pt"), "cpu")
