@@ -124,7 +124,11 @@ def test_folder_and_npz_give_the_same_features(net, tmp_path):
 
 
 def test_pth_weights_and_inception_score(net, tmp_path):
-    """pytorch-fid's file format (our names, 1008-way fc): loads, and the IS is then reported."""
+    """pytorch-fid's file format: the state dict of torchvision's Inception3(num_classes=1008, aux_logits=False)
+    with patched blocks; ours has the same names and shapes, loads it, and then reports the IS."""
+    import torchvision
+    tv = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, init_weights=False, weights=None)
+    assert {k: v.shape for k, v in tv.state_dict().items()} == {k: v.shape for k, v in fid.FIDInception().state_dict().items()}
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
     torch.save(state, tmp_path / "no_fc.pth")
     assert not fid.load_inception(str(tmp_path / "no_fc.pth")).has_logits
