@@ -469,17 +469,19 @@ def reconstruction(args, net, device):
                 + (f"LPIPS {scores[2]:.4f}" if lpips_net else no_lpips))
 
 
+def is_text(net, a):
+    if "pool" in a and net.has_logits:
+        return "IS {:.2f} ± {:.2f} (10 splits)".format(*inception_score(inception_logits(net, a["pool"])))
+    return "IS n/a (" + ("no per-image features" if "pool" not in a else
+                         f"weights without the 1008-way classifier; put {FID_WEIGHTS} in the torch hub cache") + ")"
+
+
 def report(net, a, b, k=3):
     """The numbers, with the protocol beside them."""
     if b["mu"].shape != a["mu"].shape:
         raise SystemExit(f"fid: statistics of different sizes ({a['mu'].shape[0]} vs {b['mu'].shape[0]}): both must be "
                          "2048-d pool features of the FID Inception network")
-    line = f"FID {frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma']):.3f}"
-    if "pool" in a and net.has_logits:
-        line += "  IS {:.2f} ± {:.2f} (10 splits)".format(*inception_score(inception_logits(net, a["pool"])))
-    else:
-        line += "  IS n/a (" + ("no per-image features" if "pool" not in a else
-                                f"weights without the 1008-way classifier; put {FID_WEIGHTS} in the torch hub cache") + ")"
+    line = f"FID {frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma']):.3f}  {is_text(net, a)}"
     if "pool" in a and "pool" in b:
         precision, recall = precision_recall(b["pool"], a["pool"], k, net.fc.weight.device)
         line += f"  precision {precision:.4f}  recall {recall:.4f} (k={k})"
@@ -514,6 +516,8 @@ def main():
         raise SystemExit("fid: --ckpt takes exactly one source, the reference (VIRTUAL_imagenet256_labeled.npz, shapes)")
     if not args.ckpt and len(args.sources) not in ((0,) if args.ae else (1, 2)):
         raise SystemExit("fid: --ae reads --data and takes no source" if args.ae else "fid: pass one or two sources: A [B]")
+    if args.save_stats and not args.save_stats.endswith(".npz"):
+        raise SystemExit(f"fid: --save-stats writes an .npz; pass NAME.npz (got '{args.save_stats}')")
     if args.batch_size < 1 or (args.num is not None and args.num < 1) or (args.ckpt and not args.num):
         raise SystemExit("fid: --batch-size and --num must be >= 1 (--ckpt needs --num)")
     run = data.setup(args.seed)
@@ -536,6 +540,8 @@ def main():
         b = statistics(net, b, args.batch_size, "B")
         if run["master"]:
             report(net, a, b)
+    elif run["master"]:
+        print(f"fid: A = {a['info']}\n{is_text(net, a)}", flush=True)
     data.cleanup()
 
 
