@@ -59,6 +59,20 @@ def test_eval_latents_do_not_depend_on_batch_mates(tiny_ae_ckpt):
     assert (model.encode(x[:1]) - model.encode(x)[:1])[:, 384:].abs().max() > 1e-3
 
 
+def test_compute_stats_on_demand(tiny_ae_ckpt, tmp_path, monkeypatch):
+    ckpt = torch.load(tiny_ae_ckpt, weights_only=True)
+    ckpt["model"]["latent_mean"].zero_()
+    ckpt["model"]["stats_ready"].fill_(False)
+    data.save_checkpoint(ckpt, str(tmp_path / "ae.pt"))
+    assert not ae.load_autoencoder(str(tmp_path / "ae.pt")).has_stats
+    monkeypatch.setattr(sys, "argv", ["ae.py", "--compute-stats", str(tmp_path / "ae.pt"), "--stats-images", "16"])
+    ae.main()
+    model = ae.load_autoencoder(str(tmp_path / "ae.pt"))
+    x = torch.stack([data.Shapes("train", 64)[i][0] for i in range(16)])  # the images the statistics came from
+    z = model.standardize(model.encode(x)).transpose(0, 1).flatten(1)  # (C, 16 * 16 tokens)
+    assert model.has_stats and z.mean(1).abs().max() < 1e-3 and (z.std(1) - 1).abs().max() < 1e-2
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ae_ref")
