@@ -35,8 +35,8 @@ import data
 SIZES = {
     # a laptop CPU in minutes: 64 px (4x4 latent), 2-block residual ViT, narrow decoder with one ResBlock per level
     "tiny": dict(image_size=64, depth=2, width=96, num_heads=4, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=0,
-                 batch_size=8, device_batch=8, steps=200, disc_start=150, log_every=10, eval_every=50,
-                 sample_every=50, save_every=50, eval_images=64, stats_images=256),
+                 batch_size=8, device_batch=8, steps=800, disc_start=600, log_every=50, eval_every=200,
+                 sample_every=200, save_every=200, eval_images=64, stats_images=1024),
     # the paper's (SPEC 1): residual ViT 6 x 384, 8 heads; decoder ch 128 x (1,1,2,2,4), 2 (+1) ResBlocks per level
     "full": dict(image_size=256, depth=6, width=384, num_heads=8, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                  batch_size=512, device_batch=32, steps=100_000, disc_start=2_500, log_every=50, eval_every=5_000,
