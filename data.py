@@ -294,6 +294,15 @@ def grad_accum_steps(global_batch, device_batch, world_size):
     return global_batch // per_step
 
 
+def shard(num, batch_size, rank, world_size):
+    """Rank r's contiguous share [start, stop) of `num` items, cut at whole batches: every item is computed in
+    the same batch whatever the process count, so N processes give what 1 gives bit for bit (batched kernels
+    round differently for different batch compositions). Used by sample.py and fid.py."""
+    num_batches = -(-num // batch_size)
+    first, last = (num_batches * r // world_size for r in (rank, rank + 1))
+    return min(num, first * batch_size), min(num, last * batch_size)
+
+
 def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, num_workers=None):
     """DataLoader with a DistributedSampler under DDP (set_epoch is called by `batches`)."""
     if len(dataset) < batch_size and drop_last:

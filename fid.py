@@ -262,12 +262,8 @@ def preprocess(images, device="cpu"):
     return 2 * x - 1  # (B, 3, 299, 299)
 
 
-def shard(n, batch_size):
-    """This process's share [start, stop) of n items under torchrun, cut at whole batches as sample.py cuts
-    them, so every image is made in the same batch whatever the number of processes."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batches = -(-n // batch_size)
-    return tuple(min(n, batches * r // world * batch_size) for r in (rank, rank + 1))
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def gather(arrays):
@@ -425,7 +421,7 @@ def statistics(net, src, batch_size, desc):
     """Pool features of an image source (each torchrun process does its share) and mu/sigma in float64;
     stored statistics win (ADM's reference batch: its images only serve precision/recall)."""
     if "fetch" in src:
-        device, (start, stop) = next(net.parameters()).device, shard(src["n"], batch_size)
+        device, (start, stop) = next(net.parameters()).device, data.shard(src["n"], batch_size, *rank_world())
         pools = [np.zeros((0, 2048), np.float32)]
         for a in tqdm(range(start, stop, batch_size), desc=desc, disable=int(os.environ.get("RANK", 0)) != 0):
             pools.append(inception_features(net, src["fetch"](a, min(a + batch_size, stop)), device))
@@ -448,7 +444,7 @@ def reconstruction(args, net, device):
         lpips_net = build_lpips("hub").to(device)  # VGG LPIPS, the one ae.py trains with (SPEC 1)
     except SystemExit:  # offline without torchvision's VGG16 weights: the other metrics still stand
         lpips_net = None
-    start, stop = shard(n, args.batch_size)
+    start, stop = data.shard(n, args.batch_size, *rank_world())
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(start, stop)), batch_size=args.batch_size,
                                          num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
     pools, recs, scores = [np.zeros((0, 2048), np.float32)], [np.zeros((0, 2048), np.float32)], [np.zeros((0, 3))]
@@ -503,14 +499,8 @@ def main():
     parser.add_argument("--ckpt", default=None, help="diffusion checkpoint: generate --num samples and score them")
     parser.add_argument("--ae", default=None, help="with --ckpt: AE override; alone: reconstruction metrics on --data")
     parser.add_argument("--data", default="shapes", help="--ae: held-out data, 'shapes' or an image folder")
-    parser.add_argument("--no-ema", action="store_true", help="--ckpt: raw weights instead of the EMA")
-    parser.add_argument("--steps", type=int, default=25, help="--ckpt: solver steps (SPEC 3)")
-    parser.add_argument("--shift", type=float, default=0.15, help="--ckpt: sampling time shift (SPEC 3)")
-    parser.add_argument("--solver", default="euler", choices=["euler", "heun"], help="--ckpt: ODE solver")
-    parser.add_argument("--cfg", type=float, default=1.0, help="--ckpt: guidance scale (1 = off)")
-    parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
-                        help="--ckpt: guidance only for t in [LO, HI]")
-    parser.add_argument("--seed", type=int, default=0, help="--ckpt: sample i uses noise (seed, i)")
+    from sample import add_sampler_args  # the sampler's flags for --ckpt, defined once in sample.py
+    add_sampler_args(parser)
     args = parser.parse_args()
     if args.ckpt and len(args.sources) != 1:
         raise SystemExit("fid: --ckpt takes exactly one source, the reference (VIRTUAL_imagenet256_labeled.npz, shapes)")

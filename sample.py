@@ -123,21 +123,12 @@ def save_grid(images, rows, row_names, path):
     canvas.save(path)
 
 
-def shard(num, batch_size, rank, world_size):
-    """Rank r's contiguous share [start, stop) of `num` samples, cut at whole batches: every sample is computed
-    in the same batch whatever the process count, so the output of N processes equals that of 1 bit for bit
-    (batched kernels round differently for different batch compositions)."""
-    num_batches = math.ceil(num / batch_size)
-    first, last = (num_batches * r // world_size for r in (rank, rank + 1))
-    return min(num, first * batch_size), min(num, last * batch_size)
-
-
 def write_npz(args, model, ae, run):
     """--num N: each rank makes its share of the N samples; rank 0 joins the shares in index order."""
     num_classes = model.config["num_classes"]
     classes = args.classes or list(range(num_classes))
     labels = np.array([classes[i % len(classes)] for i in range(args.num)])  # class-balanced (SPEC 4: 50 per class)
-    start, stop = shard(args.num, args.batch_size, run["rank"], run["world_size"])
+    start, stop = data.shard(args.num, args.batch_size, run["rank"], run["world_size"])
     images = generate(model, ae, labels[start:stop], args.seed, args.steps, args.shift, args.cfg, args.solver,
                       args.cfg_interval, args.batch_size, index_offset=start, progress=run["master"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -158,10 +149,8 @@ def write_npz(args, model, ae, run):
         dist.barrier()
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Sample images from a trained SVG diffusion model.")
-    parser.add_argument("--ckpt", default="out/dit/dit.pt", help="diffusion checkpoint (diffusion.py)")
-    parser.add_argument("--ae", default=None, help="AE checkpoint; default: the path recorded in --ckpt")
+def add_sampler_args(parser):
+    """The sampler's flags, shared with fid.py --ckpt so the two never drift (SPEC 3 defaults)."""
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--steps", type=int, default=25, help="solver steps (SPEC 3: 25; SVG's headline is 5)")
     parser.add_argument("--shift", type=float, default=0.15, help="sampling time shift (SPEC 3: 0.15)")
@@ -169,10 +158,17 @@ def main():
     parser.add_argument("--cfg", type=float, default=1.0, help="guidance scale; 1 = off (no unconditional pass)")
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
                         help="apply guidance only for t in [LO, HI] (t=0 noise, t=1 data)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i uses noise (seed, i)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Sample images from a trained SVG diffusion model.")
+    parser.add_argument("--ckpt", default="out/dit/dit.pt", help="diffusion checkpoint (diffusion.py)")
+    parser.add_argument("--ae", default=None, help="AE checkpoint; default: the path recorded in --ckpt")
+    add_sampler_args(parser)
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all for --num; "
                         "the grid: the first 10, or DiT's 8 showcase classes for ImageNet)")
     parser.add_argument("--per-class", type=int, default=4, help="grid: samples per class (one row per class)")
-    parser.add_argument("--seed", type=int, default=0, help="sample i uses noise (seed, i)")
     parser.add_argument("--interpolate", type=int, default=None, metavar="SEED2",
                         help="grid of linear and spherical noise interpolations from --seed to SEED2")
     parser.add_argument("--frames", type=int, default=8, help="--interpolate: images per row")

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, run, torchrun
 from PIL import Image
 
+import data
 import sample as S
 from diffusion import DiT, sample, time_grid
 
@@ -120,7 +121,7 @@ def test_noise_depends_only_on_seed_and_index():
 @pytest.mark.parametrize("num,batch_size", [(7, 2), (8, 4), (3, 8), (0, 2), (101, 10)])
 def test_shards_cover_all_samples_at_batch_boundaries(num, batch_size):
     for world in (1, 2, 3, 8):
-        parts = [S.shard(num, batch_size, r, world) for r in range(world)]
+        parts = [data.shard(num, batch_size, r, world) for r in range(world)]
         assert parts[0][0] == 0 and parts[-1][1] == num
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
         assert all(start % batch_size == 0 or start == num for start, _ in parts)
