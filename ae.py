@@ -393,7 +393,7 @@ def evaluate(model, images, lpips_net, batch):
 def save_grid(inputs, recons, path):
     """Two rows: inputs above their reconstructions."""
     grid = torch.cat([torch.cat(list(inputs), -1), torch.cat(list(recons.clamp(-1, 1)), -1)], -2)
-    Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(path)
+    Image.fromarray(data.to_uint8(grid[None])[0].numpy()).save(path)
 
 
 @torch.no_grad()
@@ -655,7 +655,7 @@ def main():
         done += 1
         if master and ((step + 1) % args.log_every == 0 or step == start):
             dt, t0 = time.time() - t0, time.time()
-            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
+            mem = data.peak_memory_gib(device)
             skipped = int(train_set.skipped.item())
             print(f"step {step + 1} | l1 {log['l1']:.4f} | lpips {log['lpips']:.4f} | g {log['g']:.4f} | w {log['w']:.3g} | "
                   f"d {log['d']:.4f} | psnr {log['psnr']:.2f} | {done * args.batch_size / dt:.3g} img/s | peak mem {mem:.2f} GB"
@@ -672,11 +672,6 @@ def main():
         checkpoint(args.steps)
         print(f"final: step {args.steps}, latent statistics over {n} images, saved {path}", flush=True)
     data.cleanup()
-
-
-def peak_rss_gb():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 if __name__ == "__main__":

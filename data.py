@@ -138,6 +138,11 @@ def to_tensor(img):
     return arr.permute(2, 0, 1).float().div(127.5).sub(1)
 
 
+def to_uint8(x):
+    """Images in [-1, 1], [B, 3, H, W] -> uint8 [B, H, W, 3] on the CPU (rounded, as the ADM suite saves them)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
 def to_rgb(img):
     """Any PIL mode -> 8-bit RGB. 16/32-bit grayscale is rescaled, not clipped (PIL's convert clips)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -285,6 +290,14 @@ def autocast(device, bf16):
     return nullcontext()
 
 
+def peak_memory_gib(device):
+    """Peak allocated GPU memory, or the process's peak RSS on CPU (ru_maxrss is KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix only; imported here so that data.py stays importable elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def grad_accum_steps(global_batch, device_batch, world_size):
     """The global batch is the hyper-parameter: the same flags give the same run on 1 or 8 processes."""
     per_step = device_batch * world_size
@@ -357,7 +370,7 @@ if __name__ == "__main__":
     parser.add_argument("--split", default="train", choices=list(SPLIT_IDS), help="which split")
     args = parser.parse_args()
     ds = Shapes(args.split, size=args.size)
-    imgs = torch.stack([ds[i][0] for i in range(40)])  # 4 rows of the 10 classes
-    grid = imgs.view(4, 10, 3, args.size, args.size).permute(0, 3, 1, 4, 2).reshape(4 * args.size, 10 * args.size, 3)
-    Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().numpy()).save(args.out)
+    imgs = to_uint8(torch.stack([ds[i][0] for i in range(40)]))  # (40, H, W, 3): 4 rows of the 10 classes
+    grid = imgs.view(4, 10, args.size, args.size, 3).permute(0, 2, 1, 3, 4).reshape(4 * args.size, 10 * args.size, 3)
+    Image.fromarray(grid.numpy()).save(args.out)
     print(f"wrote {args.out}: columns are {', '.join(SHAPE_CLASSES)}")

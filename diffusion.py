@@ -13,7 +13,6 @@ import argparse
 import copy
 import math
 import os
-import resource
 import time
 import warnings
 from contextlib import nullcontext
@@ -336,12 +335,6 @@ def default_peak_tflops(device, bf16):
     return CPU_TFLOPS_PER_CORE * (os.cpu_count() or 1)
 
 
-def peak_memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, KiB on Linux
-
-
 @torch.no_grad()
 def save_preview(ema, ae, path, seed):
     """8 EMA samples (labels 0, 1, ...) with the same sampler as sample.py, decoded, in one row."""
@@ -351,8 +344,8 @@ def save_preview(ema, ae, path, seed):
     y = torch.arange(n, device=device) % ema.config["num_classes"]
     x = sample(ema, noise, y, steps=PREVIEW_STEPS, shift=PREVIEW_SHIFT, cfg=PREVIEW_CFG)
     images = ae.decode(ae.unstandardize(from_tokens(x, grid))).clamp(-1, 1)  # (n, 3, H, W)
-    row = torch.cat(list(images), dim=2).permute(1, 2, 0)  # (H, n*W, 3)
-    Image.fromarray(((row + 1) * 127.5).round().byte().cpu().numpy()).save(path)
+    row = torch.cat(list(data.to_uint8(images)), dim=1)  # (H, n*W, 3)
+    Image.fromarray(row.numpy()).save(path)
 
 
 def parse_args():
@@ -479,7 +472,7 @@ def main():
             img_s = (step - step_log) * args.batch_size / dt
             mfu = 6 * macs * img_s / world / (peak * 1e12)  # train = 3 forwards, 2 FLOPs per MAC
             data.print0(f"step {step} | loss {loss_log.item() / (step - step_log):.6f} | lr {args.lr:.2e} | "
-                        f"{img_s:.2f} images/s | MFU {100 * mfu:.2f}% | peak mem {peak_memory_gib(device):.2f} GiB")
+                        f"{img_s:.2f} images/s | MFU {100 * mfu:.2f}% | peak mem {data.peak_memory_gib(device):.2f} GiB")
             t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
         if run["master"] and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             save_preview(ema, ae, os.path.join(args.out_dir, f"preview_{step:07d}.png"), args.seed)

@@ -343,11 +343,6 @@ def ssim(x, y):
 # sources
 
 
-def to_uint8(x):
-    """[B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], rounded as sample.py and the ADM suite round."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
 def read_image(path):
     try:
         with Image.open(path) as img:
@@ -364,7 +359,7 @@ def open_source(spec, num=None, image_size=256):
         if split not in data.SPLIT_IDS or not num:
             raise SystemExit(f"fid: '{spec}': use shapes, shapes:train or shapes:val, with --num N")
         ds = data.Shapes(split, size=image_size, length=num)
-        return dict(fetch=lambda a, b: to_uint8(torch.stack([ds[i][0] for i in range(a, b)])).numpy(), n=num,
+        return dict(fetch=lambda a, b: data.to_uint8(torch.stack([ds[i][0] for i in range(a, b)])).numpy(), n=num,
                     info=f"built-in data, {split} split: {num} images {image_size}x{image_size}")
     if os.path.isdir(spec):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs
@@ -450,7 +445,7 @@ def reconstruction(args, net, device):
     pools, recs, scores = [np.zeros((0, 2048), np.float32)], [np.zeros((0, 2048), np.float32)], [np.zeros((0, 3))]
     for x, _ in tqdm(loader, desc="reconstructions", disable=int(os.environ.get("RANK", 0)) != 0):
         x = x.to(device)  # (B, 3, H, W) in [-1, 1]
-        x8, r8 = to_uint8(x), to_uint8(ae.decode(ae.encode(x)).clamp(-1, 1))  # metrics on the rounded images
+        x8, r8 = data.to_uint8(x), data.to_uint8(ae.decode(ae.encode(x)).clamp(-1, 1))  # metrics on the rounded images
         pools.append(inception_features(net, x8.numpy(), device))
         recs.append(inception_features(net, r8.numpy(), device))
         xf, rf = (t.permute(0, 3, 1, 2).to(device).double() for t in (x8, r8))  # (B, 3, H, W) in [0, 255]

@@ -59,7 +59,7 @@ def generate(model, ae, labels, seed, steps, shift, cfg, solver, interval, batch
         x1 = sample(model, x0.to(device), labels[start:stop].to(device), steps=steps, shift=shift, cfg=cfg,
                     solver=solver, interval=tuple(interval))  # (b, T, C), standardised latent tokens
         images = ae.decode(ae.unstandardize(from_tokens(x1.float(), model.ae["grid"]))).clamp(-1, 1)  # (b, 3, H, W)
-        out.append(((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        out.append(data.to_uint8(images).numpy())
     return np.concatenate(out) if out else np.zeros((0, ae.image_size, ae.image_size, 3), np.uint8)
 
 

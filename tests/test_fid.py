@@ -24,7 +24,7 @@ N = 48  # images per set: enough to separate shapes from noise, few enough for 2
 
 def shapes_uint8(split, n, size=64, offset=0):
     ds = data.Shapes(split, size=size, length=offset + n)
-    return fid.to_uint8(torch.stack([ds[i][0] for i in range(offset, offset + n)])).numpy()
+    return data.to_uint8(torch.stack([ds[i][0] for i in range(offset, offset + n)])).numpy()
 
 
 def features(net, images, batch=16):
