@@ -505,8 +505,8 @@ def parse_args():
     p.add_argument("--eval-images", type=int, default=None, help="held-out images for PSNR / LPIPS")
     p.add_argument("--stats-images", type=int, default=None, help="training images for latent statistics (0 = all)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ae.pt")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA and CPU (full size on our CPU: 1.6x faster, 26%% less memory)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="force bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
     p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: from the CPU count)")
@@ -532,6 +532,8 @@ def main():
         return
     ctx = data.setup(args.seed)
     device, master, world = ctx["device"], ctx["master"], ctx["world_size"]
+    args.bf16, why = data.choose_bf16(args.bf16, device)
+    data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {device} ({why})")
     if args.compute_stats:
         ckpt = data.load_checkpoint(args.compute_stats, "autoencoder checkpoint")
         model = load_autoencoder(args.compute_stats, device)

@@ -363,7 +363,8 @@ def parse_args():
     p.add_argument("--shift", type=float, default=0.4, help="training time-warp shift (SPEC 2; <= 0: uniform t)")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (for CFG)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay per step (preset: tiny 0.995, else 0.9999)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA and CPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="force bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (before the DDP wrap)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (SPEC 2); --no-flip makes runs comparable sample for sample")
@@ -390,6 +391,8 @@ def main():
             setattr(args, key, value)
     run = data.setup(args.seed)
     device, world, rank = run["device"], run["world_size"], run["rank"]
+    args.bf16, why = data.choose_bf16(args.bf16, device)
+    data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {device} ({why})")
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
     ae = load_frozen_ae(args.ae, device)
     info = ae_info(ae, args.ae)

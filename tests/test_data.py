@@ -134,3 +134,33 @@ def test_checkpoint_atomic_roundtrip_and_errors(tmp_path):
         f.truncate(20)
     with pytest.raises(SystemExit, match="cannot be read"):
         data.load_checkpoint(path)
+
+
+def test_precision_follows_the_hardware(monkeypatch):
+    """bf16 by default only where it is native (issue 8): on a CPU without AVX512-BF16/AMX it is emulated and
+    25-70x slower. The flags force it either way. The capability is faked both ways."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(data, "cpu_has_native_bf16", lambda: False)
+    assert data.choose_bf16(None, cpu)[0] is False
+    assert data.choose_bf16(True, cpu) == (True, "forced by --bf16")
+    monkeypatch.setattr(data, "cpu_has_native_bf16", lambda: True)
+    assert data.choose_bf16(None, cpu)[0] is True
+    assert data.choose_bf16(False, cpu) == (False, "forced by --no-bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Old GPU")
+    assert data.choose_bf16(None, torch.device("cuda"))[0] is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert data.choose_bf16(None, torch.device("cuda"))[0] is True
+    assert data.choose_bf16(None, torch.device("mps"))[0] is False
+
+
+def test_cpu_capability_reads_cpuinfo(monkeypatch, tmp_path):
+    """The flag detection itself, on fake /proc/cpuinfo contents."""
+    import builtins
+    real_open = builtins.open
+    for flags, native in (("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)):
+        fake = tmp_path / "cpuinfo"
+        fake.write_text(f"processor : 0\nflags : {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(fake if p == "/proc/cpuinfo" else p, *a, **k))
+        assert data.cpu_has_native_bf16() is native
+    monkeypatch.setattr(builtins, "open", real_open)
