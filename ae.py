@@ -45,6 +45,7 @@ SIZES = {
 RESIDUAL_DIM = 8  # channels of the residual branch (official extra_vit output_dim)
 ALIGN_MOMENTUM = 0.1  # running alignment statistics, updated once per optimizer step (BatchNorm's default)
 DISC_WEIGHT = 0.5  # adaptive GAN weight multiplier (SPEC 1, taming's disc_weight)
+GROUP_CHANNELS = 4  # decoder GroupNorm: at least 4 channels per group (Normalize); the full decoder stays GroupNorm(32, c)
 
 
 # -----------------------------------------------------------------------------
@@ -132,15 +133,19 @@ class ResidualViT(nn.Module):
 # the LDM decoder, with the official module names (official_keys.txt)
 
 
-def Normalize(c):
-    return nn.GroupNorm(32, c, eps=1e-6)
+def Normalize(c, group_channels=1):
+    """GroupNorm(32, c) as official, but with at least `group_channels` channels per group. With one channel per
+    group (the tiny decoder's 32 channels) GroupNorm is instance norm, and the decoder learns to plant a bright
+    local spike that controls the per-channel statistics: StyleGAN2's "droplet" artefact, which the tiny run showed
+    in every image (issue 8). 4 is the full decoder's own ratio at its narrowest level (128 / 32)."""
+    return nn.GroupNorm(min(32, c // group_channels), c, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, c_in, c_out, dropout=0.0):
+    def __init__(self, c_in, c_out, dropout=0.0, gc=1):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.dropout, self.conv2 = Normalize(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = Normalize(c_in, gc), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.dropout, self.conv2 = Normalize(c_out, gc), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
         if c_in != c_out:
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
 
@@ -153,9 +158,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions of a feature map."""
 
-    def __init__(self, c):
+    def __init__(self, c, gc=1):
         super().__init__()
-        self.norm = Normalize(c)
+        self.norm = Normalize(c, gc)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):  # (B, C, h, w)
@@ -171,24 +176,25 @@ class Decoder(nn.Module):
     at the coarsest level only, nearest x2 + conv between levels) -> GroupNorm, SiLU, conv_out (SPEC 1).
     `up.0` is the finest level, as in the official keys."""
 
-    def __init__(self, z_channels, ch, ch_mult, num_res_blocks, dropout=0.0):
+    def __init__(self, z_channels, ch, ch_mult, num_res_blocks, dropout=0.0, gc=1):
         super().__init__()
         c = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
-        self.mid = nn.ModuleDict(dict(block_1=ResnetBlock(c, c, dropout), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c, dropout)))
+        self.mid = nn.ModuleDict(dict(block_1=ResnetBlock(c, c, dropout, gc), attn_1=AttnBlock(c, gc),
+                                      block_2=ResnetBlock(c, c, dropout, gc)))
         up = []
         for level in reversed(range(len(ch_mult))):
             stage = nn.Module()
             c_out = ch * ch_mult[level]
-            stage.block = nn.ModuleList([ResnetBlock(c if i == 0 else c_out, c_out, dropout) for i in range(num_res_blocks + 1)])
+            stage.block = nn.ModuleList([ResnetBlock(c if i == 0 else c_out, c_out, dropout, gc) for i in range(num_res_blocks + 1)])
             # the official attn_resolutions=[16] at 256 px is the latent's own resolution, i.e. the coarsest level
-            stage.attn = nn.ModuleList([AttnBlock(c_out) for _ in range(num_res_blocks + 1)] if level == len(ch_mult) - 1 else [])
+            stage.attn = nn.ModuleList([AttnBlock(c_out, gc) for _ in range(num_res_blocks + 1)] if level == len(ch_mult) - 1 else [])
             if level != 0:
                 stage.upsample = nn.ModuleDict(dict(conv=nn.Conv2d(c_out, c_out, 3, padding=1)))
             c = c_out
             up.insert(0, stage)
         self.up = nn.ModuleList(up)
-        self.norm_out, self.conv_out = Normalize(c), nn.Conv2d(c, 3, 3, padding=1)
+        self.norm_out, self.conv_out = Normalize(c, gc), nn.Conv2d(c, 3, 3, padding=1)
 
     def forward(self, z):  # (B, C, h, w) -> (B, 3, 16h, 16w) with 5 levels
         x = self.mid["block_2"](self.mid["attn_1"](self.mid["block_1"](self.conv_in(z))))
@@ -223,7 +229,8 @@ class SVGAutoencoder(nn.Module):
             self.residual_vit = ResidualViT(config["image_size"], config["depth"], config["width"], config["num_heads"],
                                             dropout=config["dropout"])
             self.mask_token = nn.Parameter(torch.randn(RESIDUAL_DIM) * 0.02)
-        self.decoder = Decoder(C, config["ch"], config["ch_mult"], config["num_res_blocks"])
+        # group_channels: absent in checkpoints from before issue 8 (official GroupNorm(32, c) everywhere)
+        self.decoder = Decoder(C, config["ch"], config["ch_mult"], config["num_res_blocks"], gc=config.get("group_channels", 1))
         self.latent_channels = C
         # running alignment statistics (mu_h, sigma_h, mu_r, sigma_r), used in eval mode (SPEC 1 "Do better")
         self.register_buffer("align_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
@@ -553,7 +560,8 @@ def main():
         encoder=args.encoder, image_size=args.image_size, residual=not args.no_residual, depth=SIZES[args.size]["depth"],
         width=SIZES[args.size]["width"], num_heads=SIZES[args.size]["num_heads"], dropout=args.dropout,
         mask_ratio=args.mask_ratio, ch=SIZES[args.size]["ch"], ch_mult=SIZES[args.size]["ch_mult"],
-        num_res_blocks=SIZES[args.size]["num_res_blocks"], batch_stats=args.batch_stats, decoder_noise=args.decoder_noise)
+        num_res_blocks=SIZES[args.size]["num_res_blocks"], batch_stats=args.batch_stats, decoder_noise=args.decoder_noise,
+        group_channels=GROUP_CHANNELS)
     train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
     val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (random encoder and LPIPS trunk included)

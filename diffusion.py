@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
 
@@ -39,13 +40,14 @@ PRESETS = {
     # tiny's EMA is shorter: at 0.9999 the average spans ~10k steps, so after a 1.5k-step run it would still be
     # mostly the zero-initialised model
     "tiny": dict(steps=1500, batch_size=32, device_batch=32, ema_decay=0.995, log_every=50, sample_every=500,
-                 ckpt_every=500),
+                 ckpt_every=500, shift=0.4, time_dist="uniform", pred="v", cache_latents=10_000),
     "full": dict(steps=400_000, batch_size=256, device_batch=32, ema_decay=0.9999, log_every=100, sample_every=10_000,
-                 ckpt_every=10_000),
+                 ckpt_every=10_000, shift=0.4, time_dist="uniform", pred="v", cache_latents=0),
 }
 PEAK_TFLOPS = {"H100": (989.0, 494.7), "H200": (989.0, 494.7), "A100": (312.0, 156.0)}  # dense (bf16, tf32)
 CPU_TFLOPS_PER_CORE = 0.1  # ~3 GHz x 32 fp32 FLOPs/cycle (AVX2/AVX-512 FMA): a rough figure, use --peak-tflops
-PREVIEW_STEPS, PREVIEW_SHIFT, PREVIEW_CFG = 25, 0.15, 4.0  # official sampling defaults; w=4 for pictures (SPEC 3)
+PREVIEW_STEPS, PREVIEW_CFG = 25, 4.0  # official sampling steps; w=4 for pictures (SPEC 3)
+SAMPLE_SHIFT = 0.15  # official sampling shift (SPEC 3), denser near noise than training's 0.4
 
 # -----------------------------------------------------------------------------
 # the model (SPEC 2)
@@ -131,17 +133,19 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """model(x, t, y): tokens x (B, T, C), t (B,) in [0, 1], labels y (B,) with id num_classes = null
-    -> velocity (B, T, C). Parameter names follow the official checkpoint (official_keys.txt)."""
+    -> velocity (B, T, C), or the clean sample when config pred == 'x' (`velocity` converts). Parameter names
+    follow the official checkpoint (official_keys.txt)."""
 
     def __init__(self, in_channels=392, grid=16, depth=28, width=1152, num_heads=16, num_classes=1000,
-                 class_dropout=0.1, mlp_ratio=4.0):
+                 class_dropout=0.1, mlp_ratio=4.0, pred="v"):
         super().__init__()
         assert width % num_heads == 0 and width % 4 == 0, "width must divide by num_heads and by 4 (2-D sin-cos)"
         if width < in_channels:
             warnings.warn(f"DiT width {width} < token dimension {in_channels}: RAE finds such a model cannot even "
                           "overfit one image (SPEC 2); use a size at least as wide as the latent")
         self.config = dict(in_channels=in_channels, grid=grid, depth=depth, width=width, num_heads=num_heads,
-                           num_classes=num_classes, class_dropout=class_dropout, mlp_ratio=mlp_ratio)
+                           num_classes=num_classes, class_dropout=class_dropout, mlp_ratio=mlp_ratio, pred=pred)
+        assert pred in ("v", "x"), f"pred must be 'v' (velocity, SVG) or 'x' (clean sample, JiT), got {pred}"
         self.num_classes = num_classes
         self.ln1 = nn.Linear(in_channels, width)  # the input projection; "ln1" is the official name
         self.register_buffer("pos_embed", sincos_2d(width, grid)[None], persistent=False)  # (1, T, D), fixed
@@ -193,6 +197,43 @@ def load_model(path, ema=True):
 
 # -----------------------------------------------------------------------------
 # flow matching (SPEC 2-3): t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, v = x1 - x0
+X_PRED_MIN_GAP = 0.05  # x-prediction's v = (x1_hat - x_t) / (1 - t) clips 1 - t to at least this (JiT's t_eps)
+LOGIT_NORMAL = (0.0, 1.0)  # mean and std of logit(u) for --time-dist logit-normal (SD3's default, as RAE)
+SHIFT_BASE_DIM = 4096  # RAE's base dimension n in its shift a = sqrt(m / n), m = the latent's H x W x C
+
+
+def auto_shift(grid, channels):
+    """RAE's dimension-dependent shift, in our convention. RAE (t = 1 noise) warps t_n -> a t_n / (1 + (a - 1) t_n)
+    with a = sqrt(H W C / 4096); substituting t = 1 - t_n gives exactly time_warp with s = 1 / a. For SVG's 16x16x392
+    latent a = 4.95, s = 0.202 (SVG itself trains at s = 0.4 and samples at 0.15); RAE's 16x16x768: a = 6.93."""
+    return math.sqrt(SHIFT_BASE_DIM / (grid * grid * channels))
+
+
+def resolve_shift(shift, config):
+    """A --shift value (a number or 'auto') -> the number, for the DiT `config` (its grid and token channels)."""
+    return auto_shift(config["grid"], config["in_channels"]) if shift == "auto" else float(shift)
+
+
+def shift_arg(text):
+    """argparse type of --shift / --sample-shift: a finite number or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number or 'auto'")
+    return value
+
+
+def draw_u(n, time_dist, generator=None, device="cpu"):
+    """u in (0, 1) per sample, before the time warp: 'uniform' (SVG) or 'logit-normal' (SD3, RAE). Warping by s
+    adds ln s to logit(u), so a logit-normal u under shift s gives logit(t) ~ N(mean + ln s, std)."""
+    if time_dist == "logit-normal":
+        return torch.sigmoid(LOGIT_NORMAL[0] + LOGIT_NORMAL[1] * torch.randn(n, generator=generator, device=device))
+    assert time_dist == "uniform", f"unknown time distribution {time_dist}"
+    return torch.rand(n, generator=generator, device=device)
 
 
 def time_warp(u, shift):
@@ -201,14 +242,25 @@ def time_warp(u, shift):
     return u if shift <= 0 else shift * u / (shift * u + (1 - u))
 
 
-def flow_loss(model, x1, y, shift, x0=None, u=None):
-    """Velocity MSE at t = warp(u), u ~ U(0, 1) per sample, no time weighting. x0 and u may be given
-    (the training loop draws them per global batch so that runs are reproducible across world sizes)."""
+def velocity(model, x, t, y, pred="v"):
+    """The network's velocity at (x, t). pred 'v' (SVG): its output. pred 'x' (JiT, SPEC 8): it outputs the clean
+    sample x1_hat, and v = (x1_hat - x_t) / (1 - t); on a narrow network with high-dimensional tokens the clean
+    sample (on the data's low-dimensional manifold) is far easier to output than noise-carrying v."""
+    out = model(x, t, y)  # (B, T, C)
+    if pred == "x":
+        return (out.float() - x.float()) / (1 - t.float()).clamp_min(X_PRED_MIN_GAP)[:, None, None]
+    return out
+
+
+def flow_loss(model, x1, y, shift, x0=None, u=None, pred="v"):
+    """Velocity MSE at t = warp(u), u ~ U(0, 1) per sample, no time weighting, for either prediction target
+    (x-prediction keeps the velocity loss, as JiT). x0 and u may be given (the training loop draws them per
+    global batch so that runs are reproducible across world sizes)."""
     x0 = torch.randn_like(x1) if x0 is None else x0
     u = torch.rand(len(x1), device=x1.device) if u is None else u
     t = time_warp(u, shift)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1  # (B, T, C)
-    return F.mse_loss(model(xt, t, y).float(), (x1 - x0).float())
+    return F.mse_loss(velocity(model, xt, t, y, pred).float(), (x1 - x0).float())
 
 
 def time_grid(steps, shift):
@@ -220,24 +272,26 @@ def time_grid(steps, shift):
 def sample(model, noise, y, steps=25, shift=0.15, cfg=1.0, solver="euler", interval=(0.0, 1.0), null_class=None):
     """Integrate dx/dt = v from t=0 (noise [B, T, C]) to t=1; returns the final tokens in standardised
     latent space. CFG on all channels: v_u + w (v_c - v_u), both halves in one batch of 2B, only for t
-    inside `interval`; cfg == 1 runs the conditional pass alone. Euler: 1 evaluation/step, Heun: 2."""
+    inside `interval`; cfg == 1 runs the conditional pass alone. Euler: 1 evaluation/step, Heun: 2.
+    `shift` may be 'auto' (RAE's, from the model's latent size). x-prediction models are converted to v."""
     null_class = model.config["num_classes"] if null_class is None else null_class
     y_null = torch.full_like(y, null_class)
+    pred = model.config.get("pred", "v")
 
-    def velocity(x, t):
+    def guided(x, t):
         tt = torch.full((len(x),), t, device=x.device, dtype=x.dtype)
         if cfg == 1.0 or not interval[0] <= t <= interval[1]:
-            return model(x, tt, y)
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, y_null])).chunk(2)
-        return v_u + cfg * (v_c - v_u)
+            return velocity(model, x, tt, y, pred)
+        v_c, v_u = velocity(model, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, y_null]), pred).chunk(2)
+        return v_u + cfg * (v_c - v_u)  # for x-prediction the same as guiding x1_hat: v is affine in it
 
     assert solver in ("euler", "heun"), f"unknown solver {solver}"
-    ts = time_grid(steps, shift).tolist()
+    ts = time_grid(steps, resolve_shift(shift, model.config)).tolist()
     x = noise
     for t0, t1 in zip(ts[:-1], ts[1:]):
-        v = velocity(x, t0)
+        v = guided(x, t0)
         if solver == "heun":  # trapezoid with the Euler guess's velocity at t1
-            v = (v + velocity(x + (t1 - t0) * v, t1)) / 2
+            v = (v + guided(x + (t1 - t0) * v, t1)) / 2
         x = x + (t1 - t0) * v
     return x
 
@@ -336,13 +390,43 @@ def default_peak_tflops(device, bf16):
 
 
 @torch.no_grad()
-def save_preview(ema, ae, path, seed):
+def encode_dataset(ae, dataset, num, batch, device, run):
+    """--cache-latents N: the first N training images encoded once, in fp32 and without flips, as standardised
+    tokens [N, T, C] with their labels, for the DiT to train on instead of encoding every batch online (as the
+    official code does). On a CPU the frozen encoder costs more than a tiny DiT, so this is several times faster;
+    the price is a fixed set of N images. Each process encodes a share; all get the whole set."""
+    if hasattr(dataset, "flip"):
+        dataset.flip = False  # Shapes; folders in train mode flip with numpy's RNG: encode the held-out transform
+    if hasattr(dataset, "train"):
+        dataset.train = False
+    num = min(num, len(dataset))
+    start, stop = data.shard(num, batch, run["rank"], run["world_size"])
+    tokens, labels = [], []
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)), batch_size=batch,
+                                         num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)))
+    for images, y in tqdm(loader, desc="encoding latents", disable=not run["master"]):
+        tokens.append(to_tokens(ae.standardize(ae.encode(images.to(device)).float())).cpu())  # (b, T, C)
+        labels.append(y)
+    tokens, labels = torch.cat(tokens), torch.cat(labels)
+    if run["ddp"]:  # shards are cut at whole batches, so gathering the padded shares and trimming restores the order
+        sizes = [data.shard(num, batch, r, run["world_size"]) for r in range(run["world_size"])]
+        longest = max(b - a for a, b in sizes)
+        pad = lambda x: torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])]).to(device)  # noqa: E731
+        parts = [[torch.empty_like(pad(x)) for _ in sizes] for x in (tokens, labels)]
+        dist.all_gather(parts[0], pad(tokens))
+        dist.all_gather(parts[1], pad(labels))
+        tokens, labels = (torch.cat([p[:b - a].cpu() for p, (a, b) in zip(ps, sizes)]) for ps in parts)
+    return torch.utils.data.TensorDataset(tokens, labels)
+
+
+@torch.no_grad()
+def save_preview(ema, ae, path, seed, shift):
     """8 EMA samples (labels 0, 1, ...) with the same sampler as sample.py, decoded, in one row."""
     device = next(ema.parameters()).device
     n, C, grid = 8, ema.config["in_channels"], ema.config["grid"]
     noise = torch.randn(n, grid * grid, C, generator=torch.Generator().manual_seed(seed)).to(device)
     y = torch.arange(n, device=device) % ema.config["num_classes"]
-    x = sample(ema, noise, y, steps=PREVIEW_STEPS, shift=PREVIEW_SHIFT, cfg=PREVIEW_CFG)
+    x = sample(ema, noise, y, steps=PREVIEW_STEPS, shift=shift, cfg=PREVIEW_CFG)
     images = ae.decode(ae.unstandardize(from_tokens(x, grid))).clamp(-1, 1)  # (n, 3, H, W)
     row = torch.cat(list(data.to_uint8(images)), dim=1)  # (H, n*W, 3)
     Image.fromarray(row.numpy()).save(path)
@@ -360,7 +444,16 @@ def parse_args():
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (SPEC 2)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SPEC 2: 0)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, as the paper)")
-    p.add_argument("--shift", type=float, default=0.4, help="training time-warp shift (SPEC 2; <= 0: uniform t)")
+    p.add_argument("--shift", type=shift_arg, default=None,
+                   help="training time-warp shift (SPEC 2: 0.4; <= 0: no warp; 'auto': RAE's from the latent size)")
+    p.add_argument("--sample-shift", type=shift_arg, default=None, help="sampling shift of the previews, recorded "
+                   "for sample.py and fid.py (default: 'auto' if --shift auto, else SVG's 0.15)")
+    p.add_argument("--time-dist", default=None, choices=["uniform", "logit-normal"],
+                   help="u before the time warp: uniform (SVG) or logit-normal (SD3, RAE)")
+    p.add_argument("--pred", default=None, choices=["v", "x"],
+                   help="network output: the velocity v (SVG) or the clean sample x (JiT), same velocity loss")
+    p.add_argument("--cache-latents", type=int, default=None, metavar="N",
+                   help="encode N training images once and train on them (CPU speed-up; 0: encode online, as official)")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (for CFG)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay per step (preset: tiny 0.995, else 0.9999)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -401,7 +494,10 @@ def main():
         dataset.flip = dataset.train = False
 
     config = dict(in_channels=info["latent_channels"], grid=info["grid"], num_classes=dataset.num_classes,
-                  class_dropout=args.class_dropout, mlp_ratio=4.0, **SIZES[args.size])
+                  class_dropout=args.class_dropout, mlp_ratio=4.0, pred=args.pred, **SIZES[args.size])
+    if args.sample_shift is None:
+        args.sample_shift = "auto" if args.shift == "auto" else SAMPLE_SHIFT
+    shift = resolve_shift(args.shift, config)  # the number; args keep 'auto' for the record
     ckpt_path = os.path.join(args.out_dir, "dit.pt")
     ckpt = data.load_checkpoint(ckpt_path, "checkpoint to resume") if args.resume else None
     if ckpt is not None:
@@ -422,7 +518,10 @@ def main():
     model = torch.compile(raw) if args.compile else raw  # compile before DDP; raw keeps clean state-dict keys
     if run["ddp"]:
         model = DDP(model, device_ids=[run["local_rank"]] if device.type == "cuda" else None)
-    loader = data.make_loader(dataset, args.device_batch, seed=args.seed, num_workers=args.num_workers)
+    if args.cache_latents:
+        dataset = encode_dataset(ae, dataset, args.cache_latents, args.device_batch, device, run)
+    loader = data.make_loader(dataset, args.device_batch, seed=args.seed,
+                              num_workers=0 if args.cache_latents else args.num_workers)
     micro = step * accum  # resume continues the data stream where it stopped (exact under DDP's epoch-keyed order)
     stream = data.batches(loader, start_epoch=micro // len(loader))
     for _ in range(micro % len(loader)):
@@ -443,20 +542,23 @@ def main():
         # DistributedSampler's interleaved order (sample j of micro-step m on rank r is global row (m*b+j)*world+r)
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
         x0_all = torch.randn(args.batch_size, T, C, generator=g, device=device)
-        u_all = torch.rand(args.batch_size, generator=g, device=device)
+        u_all = draw_u(args.batch_size, args.time_dist, g, device)
         drop_all = torch.rand(args.batch_size, generator=g, device=device) < config["class_dropout"]
         for m in range(accum):
-            _, images, labels = next(stream)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.no_grad(), data.autocast(device, args.bf16):
-                z = ae.encode(images)  # (b, C, grid, grid), frozen AE, online as the official code
-            x1 = to_tokens(ae.standardize(z.float()))  # (b, T, C), per-channel standardised (SPEC 1)
+            _, batch, labels = next(stream)
+            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if args.cache_latents:
+                x1 = batch  # (b, T, C), encoded and standardised once by encode_dataset
+            else:
+                with torch.no_grad(), data.autocast(device, args.bf16):
+                    z = ae.encode(batch)  # (b, C, grid, grid), frozen AE, online as the official code
+                x1 = to_tokens(ae.standardize(z.float()))  # (b, T, C), per-channel standardised (SPEC 1)
             rows = (torch.arange(len(labels), device=device) + m * args.device_batch) * world + rank
             y = torch.where(drop_all[rows], config["num_classes"], labels)  # label dropout -> null class
             sync = model.no_sync() if run["ddp"] and m < accum - 1 else nullcontext()  # all-reduce once per step
             with sync:
                 with data.autocast(device, args.bf16):
-                    loss = flow_loss(model, x1, y, args.shift, x0=x0_all[rows], u=u_all[rows])
+                    loss = flow_loss(model, x1, y, shift, x0=x0_all[rows], u=u_all[rows], pred=config["pred"])
                 (loss / accum).backward()
             loss_log += loss.detach() / accum
         if args.clip_grad > 0:
@@ -478,7 +580,7 @@ def main():
                         f"{img_s:.2f} images/s | MFU {100 * mfu:.2f}% | peak mem {data.peak_memory_gib(device):.2f} GiB")
             t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
         if run["master"] and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            save_preview(ema, ae, os.path.join(args.out_dir, f"preview_{step:07d}.png"), args.seed)
+            save_preview(ema, ae, os.path.join(args.out_dir, f"preview_{step:07d}.png"), args.seed, args.sample_shift)
         if run["master"] and (step % args.ckpt_every == 0 or step == args.steps):
             data.save_checkpoint(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                                       config=config, args=vars(args), ae=info), ckpt_path)

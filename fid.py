@@ -398,8 +398,9 @@ def open_source(spec, num=None, image_size=256):
 
 def generated_source(args, device):
     """--ckpt: sample.py's sampler as a source; sample i uses noise (seed, i), so torchrun shards change nothing."""
-    from sample import generate, load  # pulls in ae.py and diffusion.py; only this mode needs them
+    from sample import generate, load, resolve_sampler_shift  # pulls in ae.py and diffusion.py; only this mode needs them
     model, ae = load(args.ckpt, args.ae, ema=not args.no_ema, device=device)
+    resolve_sampler_shift(args, model)
     labels = np.arange(args.num) % model.config["num_classes"]  # class-balanced as sample.py (SPEC 4: 50 per class)
 
     def fetch(a, b):

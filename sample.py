@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 from ae import load_autoencoder
-from diffusion import from_tokens, load_model, sample
+from diffusion import SAMPLE_SHIFT, from_tokens, load_model, resolve_shift, sample, shift_arg
 
 # DiT's showcase classes (golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox)
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -100,6 +100,13 @@ def load(ckpt, ae_path=None, ema=True, device="cpu"):
     return model, ae
 
 
+def resolve_sampler_shift(args, model):
+    """--shift: the number to sample with. By default the sampling shift diffusion.py recorded for this DiT
+    (SVG's 0.15, or 'auto' for a DiT trained with --shift auto); 'auto' becomes RAE's value for its latent."""
+    shift = (model.args.get("sample_shift") or SAMPLE_SHIFT) if args.shift is None else args.shift
+    args.shift = resolve_shift(shift, model.config)
+
+
 def class_names(model):
     """Built-in data: the shape names; anything else (ImageNet, converted weights): class ids."""
     num_classes = model.config["num_classes"]
@@ -153,7 +160,8 @@ def add_sampler_args(parser):
     """The sampler's flags, shared with fid.py --ckpt so the two never drift (SPEC 3 defaults)."""
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--steps", type=int, default=25, help="solver steps (SPEC 3: 25; SVG's headline is 5)")
-    parser.add_argument("--shift", type=float, default=0.15, help="sampling time shift (SPEC 3: 0.15)")
+    parser.add_argument("--shift", type=shift_arg, default=None, help="sampling time shift, a number or 'auto' (RAE's, "
+                        "from the latent size); default: the one the checkpoint records (SVG recipe: 0.15, SPEC 3)")
     parser.add_argument("--solver", default="euler", choices=["euler", "heun"], help="Euler: 1 eval/step, Heun: 2")
     parser.add_argument("--cfg", type=float, default=1.0, help="guidance scale; 1 = off (no unconditional pass)")
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
@@ -196,6 +204,7 @@ def main():
     if run["ddp"] and not args.num:
         raise SystemExit("sample: torchrun is only for --num N; run grids with plain python")
     model, ae = load(args.ckpt, args.ae, ema=not args.no_ema, device=run["device"])
+    resolve_sampler_shift(args, model)
     num_classes = model.config["num_classes"]
     bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
     if bad:

@@ -39,9 +39,10 @@ def tiny_ae_ckpt(tmp_path_factory):
     return str(out / "ae.pt")
 
 
-# Flags for a tiny diffusion run on the tiny AE: a few steps, one EMA preview at the end (exercises the sampler).
+# Flags for a tiny diffusion run on the tiny AE: a few steps on 16 cached latents (the tiny preset's CPU path), one EMA
+# preview at the end (exercises the sampler).
 TINY_DIT_FLAGS = ("--size", "tiny", "--steps", "4", "--batch-size", "4", "--device-batch", "4", "--log-every", "1",
-                  "--sample-every", "4", "--num-workers", "0", "--ema-decay", "0.9")
+                  "--sample-every", "4", "--num-workers", "0", "--ema-decay", "0.9", "--cache-latents", "16")
 
 
 @pytest.fixture(scope="session")
