@@ -7,6 +7,7 @@ CPU, tiny (minutes):     python diffusion.py --size tiny                      (n
 one GPU:                 python diffusion.py --size XL --data /path/to/imagenet/train --ae out/ae/ae.pt
 8 GPUs (the paper's):    torchrun --nproc_per_node=8 diffusion.py --size XL --data /path/to/imagenet/train
 resume:                  python diffusion.py --size tiny --resume --steps 800
+RAE's wide head:         python diffusion.py --size tiny --head dh             (DiT^DH, SPEC 8)
 official weights:        python diffusion.py --convert-official V1-SVG-XL-7000K-256x256.pt --ae AE.pt --out svg_xl.pt
 """
 import argparse
@@ -44,6 +45,10 @@ PRESETS = {
     "full": dict(steps=400_000, batch_size=256, device_batch=32, ema_decay=0.9999, log_every=100, sample_every=10_000,
                  ckpt_every=10_000, shift=0.4, time_dist="uniform", pred="v", cache_latents=0),
 }
+# RAE's DDT head (--head dh): 2 blocks of width 2048, 16 heads, on every trunk size (its DiTDH-S and -XL configs:
+# hidden_size [384 | 1152, 2048], depth [12 | 28, 2], num_heads [6 | 16, 16]); tiny's is ours, ~2x its 392-d token
+DH_HEADS = {"tiny": dict(head_depth=2, head_width=768), "full": dict(head_depth=2, head_width=2048)}
+DH_HEAD_DIM = 128  # RAE's 2048 / 16 heads; --head-width W gets W / 128 heads
 PEAK_TFLOPS = {"H100": (989.0, 494.7), "H200": (989.0, 494.7), "A100": (312.0, 156.0)}  # dense (bf16, tf32)
 CPU_TFLOPS_PER_CORE = 0.1  # ~3 GHz x 32 fp32 FLOPs/cycle (AVX2/AVX-512 FMA): a rough figure, use --peak-tflops
 PREVIEW_STEPS, PREVIEW_CFG = 25, 4.0  # official sampling steps; w=4 for pictures (SPEC 3)
@@ -73,7 +78,7 @@ def timestep_embedding(t, dim=256, max_period=10_000):
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return x * (1 + scale) + shift  # shift, scale: (B, 1, D) per image or (B, T, D) per token
 
 
 class Attention(nn.Module):
@@ -114,9 +119,10 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, T, D)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        c = c[:, None] if c.dim() == 2 else c  # (B, 1, D): one condition per image; (B, T, D): per token (DDTHead)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, 1|T, D)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, T, D)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
@@ -127,25 +133,58 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        c = c[:, None] if c.dim() == 2 else c  # as in Block
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DDTHead(nn.Module):
+    """RAE's wide, shallow "DDT head" of DiT^DH (arXiv 2510.11690 sec. 5; bytetriper/RAE, DiTwDDTHead in
+    src/stage2/models/DDT.py). head(x, h, t_emb): noisy tokens x (B, T, C), trunk output h (B, T, D) and
+    timestep embedding t_emb (B, D) -> the model's output (B, T, C). As in RAE: the trunk has no final layer; the head
+    re-embeds the noisy input x_t itself at its own width, and its blocks and final layer are modulated token
+    by token (adaLN-Zero) by the trunk's tokens fused with t, silu(h + t_emb), projected to the head's width."""
+
+    def __init__(self, in_channels, grid, width, head_depth, head_width, head_heads, mlp_ratio):
+        super().__init__()
+        self.embed = nn.Linear(in_channels, head_width)  # RAE's x_embedder
+        # RAE's head attends with RoPE; our trunk uses the fixed 2-D sin-cos table instead, so the head does too
+        self.register_buffer("pos_embed", sincos_2d(head_width, grid)[None], persistent=False)  # (1, T, Dh)
+        self.cond = nn.Linear(width, head_width) if width != head_width else nn.Identity()  # RAE's s_projector
+        # RAE's block in both trunk and head is LightningDiT's (RMSNorm, SwiGLU of the same size, RoPE, no qk-norm);
+        # we keep SVG's block for both, so the head differs from the trunk only in width, heads and conditioning
+        self.blocks = nn.ModuleList([Block(head_width, head_heads, mlp_ratio) for _ in range(head_depth)])
+        self.final_layer = FinalLayer(head_width, in_channels)
+
+    def forward(self, x, h, t_emb):
+        s = self.cond(F.silu(h + t_emb[:, None]))  # (B, T, Dh): RAE adds t only, the class is already in h
+        x = self.embed(x) + self.pos_embed  # (B, T, Dh)
+        for block in self.blocks:
+            x = block(x, s)  # (B, T, Dh)
+        return self.final_layer(x, s)  # (B, T, C)
 
 
 class DiT(nn.Module):
     """model(x, t, y): tokens x (B, T, C), t (B,) in [0, 1], labels y (B,) with id num_classes = null
     -> velocity (B, T, C), or the clean sample when config pred == 'x' (`velocity` converts). Parameter names
-    follow the official checkpoint (official_keys.txt)."""
+    follow the official checkpoint (official_keys.txt). head="dh" replaces the final layer by RAE's DDTHead
+    (DiT^DH); config records the head only when it is on, so the SVG model's config, and checkpoints from
+    before the head existed, mean head="none"."""
 
     def __init__(self, in_channels=392, grid=16, depth=28, width=1152, num_heads=16, num_classes=1000,
-                 class_dropout=0.1, mlp_ratio=4.0, pred="v"):
+                 class_dropout=0.1, mlp_ratio=4.0, pred="v", head="none", head_depth=2, head_width=2048,
+                 head_heads=16):
         super().__init__()
         assert width % num_heads == 0 and width % 4 == 0, "width must divide by num_heads and by 4 (2-D sin-cos)"
-        if width < in_channels:
+        assert head in ("none", "dh") and head_width % head_heads == 0 and head_width % 4 == 0, f"bad head {head}"
+        if (max(width, head_width) if head == "dh" else width) < in_channels:  # RAE: a wide head is enough
             warnings.warn(f"DiT width {width} < token dimension {in_channels}: RAE finds such a model cannot even "
                           "overfit one image (SPEC 2); use a size at least as wide as the latent")
         self.config = dict(in_channels=in_channels, grid=grid, depth=depth, width=width, num_heads=num_heads,
                            num_classes=num_classes, class_dropout=class_dropout, mlp_ratio=mlp_ratio, pred=pred)
         assert pred in ("v", "x"), f"pred must be 'v' (velocity, SVG) or 'x' (clean sample, JiT), got {pred}"
+        if head == "dh":
+            self.config.update(head=head, head_depth=head_depth, head_width=head_width, head_heads=head_heads)
         self.num_classes = num_classes
         self.ln1 = nn.Linear(in_channels, width)  # the input projection; "ln1" is the official name
         self.register_buffer("pos_embed", sincos_2d(width, grid)[None], persistent=False)  # (1, T, D), fixed
@@ -154,12 +193,16 @@ class DiT(nn.Module):
         self.y_embedder = nn.Module()
         self.y_embedder.embedding_table = nn.Embedding(num_classes + 1, width)  # last row: the null class (CFG)
         self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(width, in_channels)
+        if head == "dh":
+            self.head = DDTHead(in_channels, grid, width, head_depth, head_width, head_heads, mlp_ratio)
+        else:
+            self.head, self.final_layer = None, FinalLayer(width, in_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
         """DiT's init (SPEC 2): xavier linears with zero bias, N(0, 0.02) class table and t-MLP, adaLN and
-        output zero, so the untrained model predicts v = 0."""
+        output zero, so the untrained model predicts v = 0. The head gets the same: RAE zeroes its adaLN and
+        final layer alike (its other linears keep PyTorch's default init; ours are xavier as the trunk's)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -167,16 +210,21 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        blocks, final = (self.blocks, self.final_layer) if self.head is None else (
+            [*self.blocks, *self.head.blocks], self.head.final_layer)
+        for layer in [b.adaLN_modulation[-1] for b in blocks] + [final.adaLN_modulation[-1], final.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x, t, y):
-        x = self.ln1(x) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder.mlp(timestep_embedding(t)) + self.y_embedder.embedding_table(y)  # (B, D)
+        h = self.ln1(x) + self.pos_embed  # (B, T, D)
+        t_emb = self.t_embedder.mlp(timestep_embedding(t))  # (B, D)
+        c = t_emb + self.y_embedder.embedding_table(y)  # (B, D)
         for block in self.blocks:
-            x = block(x, c)  # (B, T, D)
-        return self.final_layer(x, c)  # (B, T, C)
+            h = block(h, c)  # (B, T, D)
+        if self.head is not None:
+            return self.head(x, h, t_emb)  # (B, T, C)
+        return self.final_layer(h, c)  # (B, T, C)
 
 
 def forward_macs(config):
@@ -184,7 +232,13 @@ def forward_macs(config):
     attention's two, nothing else). Training costs 3 forwards; FLOPs = 2 x MACs."""
     T, C, D, L = config["grid"] ** 2, config["in_channels"], config["width"], config["depth"]
     block = (4 + 2 * config["mlp_ratio"]) * T * D * D + 2 * T * T * D + 6 * D * D  # qkv+proj+MLP, QK^T and AV, adaLN
-    return L * block + 2 * T * C * D + 2 * D * D + 256 * D + D * D  # in/out projection, final adaLN, t-MLP
+    trunk = L * block + T * C * D + 256 * D + D * D  # blocks, input projection, t-MLP
+    if config.get("head", "none") == "none":
+        return trunk + T * C * D + 2 * D * D  # output projection, final adaLN
+    Dh, Lh = config["head_width"], config["head_depth"]
+    head_block = (4 + 2 * config["mlp_ratio"]) * T * Dh * Dh + 2 * T * T * Dh + 6 * T * Dh * Dh  # adaLN per token
+    cond = T * D * Dh if D != Dh else 0  # the condition's projection
+    return trunk + Lh * head_block + T * C * Dh + cond + 2 * T * Dh * Dh + T * Dh * C  # embed, final adaLN, output
 
 
 def load_model(path, ema=True):
@@ -432,6 +486,21 @@ def save_preview(ema, ae, path, seed, shift):
     Image.fromarray(row.numpy()).save(path)
 
 
+def head_config(args):
+    """The config keys of --head: none for SVG's model (absent keys mean no head), else the DDT head's."""
+    if args.head == "none":
+        if args.head_depth is not None or args.head_width is not None:
+            raise SystemExit("--head-depth and --head-width shape the DDT head: add --head dh")
+        return {}
+    preset = DH_HEADS["tiny" if args.size == "tiny" else "full"]
+    depth = preset["head_depth"] if args.head_depth is None else args.head_depth
+    width = preset["head_width"] if args.head_width is None else args.head_width
+    if width <= 0 or width % DH_HEAD_DIM or depth < 0:
+        raise SystemExit(f"--head-width must be a positive multiple of {DH_HEAD_DIM} (RAE's head dim), "
+                         "--head-depth >= 0")
+    return dict(head="dh", head_depth=depth, head_width=width, head_heads=width // DH_HEAD_DIM)
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Train the SVG diffusion transformer on a frozen AE's latents (SPEC 2).")
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size (DiT's S/B/L/XL, or tiny for CPU)")
@@ -454,6 +523,11 @@ def parse_args():
                    help="network output: the velocity v (SVG) or the clean sample x (JiT), same velocity loss")
     p.add_argument("--cache-latents", type=int, default=None, metavar="N",
                    help="encode N training images once and train on them (CPU speed-up; 0: encode online, as official)")
+    p.add_argument("--head", default="none", choices=["none", "dh"],
+                   help="none: SVG's final layer; dh: RAE's wide, shallow DDT head on top of the trunk (DiT^DH)")
+    p.add_argument("--head-depth", type=int, default=None, help="DDT head blocks (RAE: 2)")
+    p.add_argument("--head-width", type=int, default=None,
+                   help="DDT head width, a multiple of 128 (RAE: 2048; tiny: 768)")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (for CFG)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay per step (preset: tiny 0.995, else 0.9999)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -482,6 +556,7 @@ def main():
     for key, value in PRESETS["tiny" if args.size == "tiny" else "full"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    head = head_config(args)
     run = data.setup(args.seed)
     device, world, rank = run["device"], run["world_size"], run["rank"]
     args.bf16, why = data.choose_bf16(args.bf16, device)
@@ -494,7 +569,7 @@ def main():
         dataset.flip = dataset.train = False
 
     config = dict(in_channels=info["latent_channels"], grid=info["grid"], num_classes=dataset.num_classes,
-                  class_dropout=args.class_dropout, mlp_ratio=4.0, pred=args.pred, **SIZES[args.size])
+                  class_dropout=args.class_dropout, mlp_ratio=4.0, pred=args.pred, **SIZES[args.size], **head)
     if args.sample_shift is None:
         args.sample_shift = "auto" if args.shift == "auto" else SAMPLE_SHIFT
     shift = resolve_shift(args.shift, config)  # the number; args keep 'auto' for the record
@@ -503,7 +578,7 @@ def main():
     if ckpt is not None:
         if ckpt["config"] != config:
             raise SystemExit(f"--resume: {ckpt_path} has config {ckpt['config']}, these flags and AE give {config}: "
-                             f"pass the same --size, --data and --ae (it was trained on {ckpt['ae']['path']})")
+                             f"pass the same --size, --head, --data and --ae (it was trained on {ckpt['ae']['path']})")
     raw = DiT(**config).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from conftest import run, torchrun
 
+import data
 import diffusion
 from diffusion import DiT, SIZES, convert_official, flow_loss, time_grid, update_ema
 
 SMALL = dict(in_channels=32, grid=4, depth=2, width=64, num_heads=4, num_classes=10)
+SMALL_DH = dict(SMALL, head="dh", head_depth=2, head_width=96, head_heads=4)  # a head wider than the trunk
 
 
 def test_time_grid_values():
@@ -71,6 +73,84 @@ def test_ema_decay_zero_equals_model():
     before = [p.clone() for p in ema.parameters()]
     update_ema(ema, DiT(**SMALL), 0.9)
     assert not torch.equal(before[0], next(ema.parameters()))
+
+# -----------------------------------------------------------------------------
+# RAE's wide head (--head dh, DiT^DH)
+
+
+def test_xl_dh_parameter_count_and_macs_on_meta():
+    """XL + RAE's head (2 blocks, width 2048, 16 heads) by hand: the SVG-XL count (above) without its final
+    layer, plus the head. forward_macs against torch's own matmul counter (meta tensors count attention too)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    C, D, Dh, H = 392, 1152, 2048, 16
+    block = 3 * Dh * Dh + 3 * Dh + 2 * 2 * (Dh // H) + Dh * Dh + Dh + 4 * Dh * Dh + 4 * Dh + 4 * Dh * Dh + Dh \
+        + 6 * Dh * Dh + 6 * Dh  # qkv, q/k norms, proj, fc1, fc2, adaLN
+    head = (C * Dh + Dh) + (D * Dh + Dh) + 2 * block + (2 * Dh * Dh + 2 * Dh) + (Dh * C + C)  # embed, cond, final
+    svg_final_layer = (D * C + C) + (2 * D * D + 2 * D)
+    config = dict(in_channels=C, grid=16, num_classes=1000, mlp_ratio=4.0, **SIZES["XL"], head="dh", head_depth=2,
+                  head_width=Dh, head_heads=H)
+    assert diffusion.head_config(argparse.Namespace(head="dh", size="XL", head_depth=None, head_width=None)) == \
+        {k: config[k] for k in ("head", "head_depth", "head_width", "head_heads")}  # the flags' defaults are RAE's
+    for cfg, params in ((dict(config, head="none"), 675_691_016), (config, 675_691_016 - svg_final_layer + head)):
+        with torch.device("meta"):
+            model = DiT(**cfg)
+            with FlopCounterMode(display=False) as counter:
+                model(torch.empty(1, 256, C), torch.empty(1), torch.zeros(1, dtype=torch.long))
+        assert sum(p.numel() for p in model.parameters()) == params
+        assert 2 * diffusion.forward_macs(cfg) == counter.get_total_flops()
+    assert params == 836_002_056 and "final_layer.linear.weight" not in model.state_dict()  # as README says
+
+
+def test_dh_zero_init_and_shapes():
+    model = DiT(**SMALL_DH)
+    assert model.config == SMALL_DH | dict(class_dropout=0.1, mlp_ratio=4.0, pred="v")  # recorded for load_model
+    x = torch.randn(3, 16, 32)
+    v = model(x, torch.rand(3), torch.tensor([0, 9, 10]))
+    assert v.shape == x.shape and torch.count_nonzero(v) == 0  # adaLN-Zero head and zero output layer
+    for p in model.parameters():
+        p.data.normal_(std=0.1)
+    v = model(x, torch.rand(3), torch.tensor([0, 9, 10]))
+    assert v.shape == x.shape and torch.count_nonzero(v) == v.numel()
+
+
+def test_dh_checkpoint_round_trip_and_sampling(tmp_path):
+    torch.manual_seed(0)
+    model = DiT(**SMALL_DH)
+    for p in model.parameters():
+        p.data.normal_(std=0.05)
+    sd = model.state_dict()
+    ckpt = dict(model=sd, ema=sd, opt=None, step=3, config=model.config, args={}, ae={})
+    data.save_checkpoint(ckpt, tmp_path / "dh.pt")
+    loaded = diffusion.load_model(str(tmp_path / "dh.pt"))
+    assert loaded.head is not None and loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), sd.values()))
+    noise, y = torch.randn(2, 16, 32), torch.tensor([1, 4])
+    runs = [diffusion.sample(m, noise, y, steps=4, cfg=2.0) for m in (model.eval(), loaded, loaded)]
+    assert runs[0].shape == noise.shape and torch.isfinite(runs[0]).all() and not torch.equal(runs[0], noise)
+    assert torch.equal(runs[1], runs[2]) and torch.equal(runs[0], runs[1])
+
+
+def test_dh_tiny_run_and_sample(tiny_ae_ckpt, tmp_path, monkeypatch):
+    """diffusion.py --head dh as a user runs it (2 steps, tiny's head), then sample.py's loader and sampler."""
+    import sample
+    log = run("diffusion.py", "--size", "tiny", "--head", "dh", "--ae", tiny_ae_ckpt,
+              "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "2", "--device-batch", "2",
+              "--log-every", "1", "--sample-every", "0", "--num-workers", "0")
+    assert sorted(losses(log)) == [1, 2] and "'head': 'dh'" in log
+    ckpt = load(tmp_path / "dit.pt")
+    assert {k: ckpt["config"][k] for k in ("head", "head_depth", "head_width", "head_heads")} == \
+        dict(head="dh", head_depth=2, head_width=768, head_heads=6)
+    assert f"{diffusion.forward_macs(ckpt['config']) / 1e9:.2f} GMACs" in log
+    assert f"{sum(v.numel() for v in ckpt['model'].values()):,} parameters" in log
+    model, ae = sample.load(str(tmp_path / "dit.pt"))
+    images = sample.generate(model, ae, [0, 1], 0, 2, 0.15, 1.0, "euler", (0.0, 1.0), 2)
+    assert images.shape == (2, 64, 64, 3)
+    monkeypatch.setattr("sys.argv", ["diffusion.py", "--head-width", "256"])
+    with pytest.raises(SystemExit, match="add --head dh"):
+        diffusion.main()
+    monkeypatch.setattr("sys.argv", ["diffusion.py", "--head", "dh", "--head-width", "200"])
+    with pytest.raises(SystemExit, match="multiple of 128"):
+        diffusion.main()
 
 # -----------------------------------------------------------------------------
 # the official checkpoint: names and shapes of official_keys.txt, forward written from the official code
