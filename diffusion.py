@@ -470,7 +470,9 @@ def encode_dataset(ae, dataset, num, batch, device, run):
         dist.all_gather(parts[0], pad(tokens))
         dist.all_gather(parts[1], pad(labels))
         tokens, labels = (torch.cat([p[:b - a].cpu() for p, (a, b) in zip(ps, sizes)]) for ps in parts)
-    return torch.utils.data.TensorDataset(tokens, labels)
+    cached = torch.utils.data.TensorDataset(tokens, labels)
+    cached.skipped = dataset.skipped  # data.batches reports the encoded set's unreadable files each epoch
+    return cached
 
 
 @torch.no_grad()
