@@ -243,7 +243,7 @@ def forward_macs(config):
 
 def load_model(path, ema=True):
     """A DiT from our checkpoint, EMA weights by default, in eval mode; model.ae / model.step from the file."""
-    ckpt = data.load_checkpoint(path, "diffusion checkpoint")
+    ckpt = data.load_checkpoint(path, "diffusion checkpoint", kind="dit")
     model = DiT(**ckpt["config"])
     model.load_state_dict(ckpt["ema" if ema else "model"])
     model.ae, model.step = ckpt["ae"], ckpt["step"]
