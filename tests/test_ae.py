@@ -361,7 +361,8 @@ def test_bad_flags_are_one_line_before_any_work(monkeypatch, tmp_path, argv, exp
 def test_divergence_stops_overwrite_and_lr_on_resume(monkeypatch, tmp_path, capsys):
     """A new run never replaces ae.pt silently; --lr 1e30 stops in one line naming the step and the loss terms
     with ae.pt untouched; --lr on --resume reaches both optimizers; --device-batch is derived when not given."""
-    flags = ["ae.py", *SMALL[1:], "--out-dir", str(tmp_path)]
+    flags = ["ae.py", *SMALL[1:], "--out-dir", str(tmp_path), "--perceptual-weight", "0", "--eval-every", "100",
+             "--sample-every", "100"]
     flags = [f for i, f in enumerate(flags) if "--device-batch" not in flags[i - 1:i + 1]]  # derived: 2 (preset cap 8)
     monkeypatch.setattr(sys, "argv", [*flags, "--steps", "1"])
     ae.main()
