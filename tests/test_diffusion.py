@@ -480,7 +480,7 @@ def test_resume_across_an_epoch_boundary_is_exact(tiny_ae_ckpt, tmp_path, monkey
     for i in range(5):
         Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
     flags = ["--ae", tiny_ae_ckpt, "--data", str(tmp_path / "data"), "--batch-size", "4", "--device-batch", "2",
-             "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--ema-decay", "0.9"]
+             "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--ema-decay", "0.9", "--cache-latents", "0"]
     whole = losses(main_run(monkeypatch, capsys, *flags, "--steps", "3", "--out-dir", str(tmp_path / "whole")))
     first = losses(main_run(monkeypatch, capsys, *flags, "--steps", "2", "--out-dir", str(tmp_path / "cut")))
     second = losses(main_run(monkeypatch, capsys, *flags, "--steps", "3", "--out-dir", str(tmp_path / "cut"), "--resume"))
@@ -491,7 +491,8 @@ def test_resume_across_an_epoch_boundary_is_exact(tiny_ae_ckpt, tmp_path, monkey
 
 
 def test_training_images_are_encoded_in_fp32(tiny_ae_ckpt, tmp_path, monkeypatch, capsys):
-    """Even with --bf16 (the DiT under autocast) the frozen AE encodes outside autocast (issue 10, item 12)."""
+    """Even with --bf16 (the DiT under autocast) the frozen AE encodes the training images online outside autocast
+    (issue 10, item 12; --cache-latents encodes in fp32 too)."""
     import ae
     calls, encode = [], ae.SVGAutoencoder.encode
 
@@ -500,5 +501,5 @@ def test_training_images_are_encoded_in_fp32(tiny_ae_ckpt, tmp_path, monkeypatch
         return encode(self, images)
     monkeypatch.setattr(ae.SVGAutoencoder, "encode", spy)
     main_run(monkeypatch, capsys, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path), "--bf16", "--steps", "1",
-             "--batch-size", "1", "--sample-every", "0", "--num-workers", "0")
+             "--batch-size", "1", "--sample-every", "0", "--num-workers", "0", "--cache-latents", "0")
     assert calls == [False]
