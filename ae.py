@@ -588,7 +588,8 @@ def main():
                 f"{args.image_size // 16}^2, {world} process(es) x {args.device_batch} x {accum} accumulation on {device}")
 
     val_images = torch.stack([val_set[i][0] for i in range(min(args.eval_images, len(val_set)))]).to(device)
-    stream = data.RunOrder(train_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world, args.device_batch)
+    stream = data.RunOrder(train_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world,
+                           args.device_batch)
     loader = iter(data.make_loader(stream, args.device_batch, shuffle=False, seed=args.seed, num_workers=args.num_workers))
     autocast = lambda: data.autocast(device, args.bf16)  # noqa: E731
     last = raw.decoder.conv_out.weight  # the adaptive GAN weight balances gradients at this layer (SPEC 1)

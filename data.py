@@ -379,7 +379,8 @@ def check_out_file(path, extensions, flag="--out"):
     """An output file path, checked before the work that fills it: not a folder, a known extension, a writable
     folder around it."""
     if os.path.isdir(path):
-        raise SystemExit(f"{flag} '{path}' is a folder; pass a file name such as {os.path.join(path, 'out' + extensions[0])}")
+        raise SystemExit(f"{flag} '{path}' is a folder; pass a file name such as "
+                         f"{os.path.join(path, 'out' + extensions[0])}")
     if not path.lower().endswith(tuple(extensions)):
         raise SystemExit(f"{flag} '{path}' must end in {' or '.join(extensions)}; pass {flag} NAME{extensions[0]}")
     check_out_dir(os.path.dirname(os.path.abspath(path)), f"the folder of {flag}")
@@ -546,9 +547,10 @@ FOREIGN_GLOBALS = [argparse.Namespace, (dict, "builtins.dict"), (list, "builtins
                    *[(dict, m + ".AttributeDict") for m in ("lightning.fabric.utilities.data",
                                                              "lightning_fabric.utilities.data",
                                                              "pytorch_lightning.utilities.parsing")],
-                   *[(Opaque, "omegaconf." + n) for n in ("dictconfig.DictConfig", "listconfig.ListConfig", "base.Metadata",
-                                                          "base.ContainerMetadata", "nodes.AnyNode", "nodes.StringNode",
-                                                          "nodes.IntegerNode", "nodes.FloatNode", "nodes.BooleanNode")],
+                   *[(Opaque, "omegaconf." + n) for n in ("dictconfig.DictConfig", "listconfig.ListConfig",
+                                                          "base.Metadata", "base.ContainerMetadata", "nodes.AnyNode",
+                                                          "nodes.StringNode", "nodes.IntegerNode", "nodes.FloatNode",
+                                                          "nodes.BooleanNode")],
                    *[(Opaque, n) for n in ("typing.Any", "typing.Dict", "typing.List", "collections.defaultdict")]]
 
 

@@ -674,8 +674,8 @@ def main():
             img_s = (step - step_log) * args.batch_size / dt
             mfu = 6 * macs * img_s / world / (peak * 1e12)  # train = 3 forwards, 2 FLOPs per MAC
             skipped = int(stream.skipped.item())
-            data.print0(f"step {step} | loss {loss_log.item() / (step - step_log):.6f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                        f"{img_s:.2f} images/s | MFU {100 * mfu:.2f}% | peak mem {data.peak_memory_gib(device):.2f} GiB"
+            data.print0(f"step {step} | loss {loss_log.item() / (step - step_log):.6f} | "
+                        f"lr {opt.param_groups[0]['lr']:.2e} | {img_s:.2f} images/s | MFU {100 * mfu:.2f}% | peak mem {data.peak_memory_gib(device):.2f} GiB"
                         + (f" | skipped files {skipped}" if skipped else ""))
             t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
         if run["master"] and args.sample_every and (step % args.sample_every == 0 or step == args.steps):

@@ -460,8 +460,8 @@ def test_foreign_checkpoints_load_as_data(monkeypatch, tmp_path, capsys):
     cfg.__dict__.update(_metadata=meta, _parent=None, _content={"lr": node})
     sd = {"decoder.conv_out.weight": torch.ones(3, 8, 3, 3)}
     torch.save({"state_dict": sd, "hyper_parameters": AttributeDict(ddconfig=cfg, lr=1e-4), "epoch": 40,
-                "args": argparse.Namespace(model="SVG"), "callbacks": {"ModelCheckpoint": {"best_model_score": torch.ones(())}}},
-               tmp_path / "lightning.ckpt")
+                "args": argparse.Namespace(model="SVG"),
+                "callbacks": {"ModelCheckpoint": {"best_model_score": torch.ones(())}}}, tmp_path / "lightning.ckpt")
     torch.save({"state_dict": sd, "hyper_parameters": {"ratio": fractions.Fraction(1, 3)}}, tmp_path / "other.ckpt")
     for m in [m for m in sys.modules if m.split(".")[0] in ("lightning", "omegaconf")]:
         monkeypatch.delitem(sys.modules, m)  # as on a machine without these packages
@@ -471,5 +471,6 @@ def test_foreign_checkpoints_load_as_data(monkeypatch, tmp_path, capsys):
     assert ckpt["hyper_parameters"]["ddconfig"].state["_content"]["lr"].state["_val"] == 1e-4  # kept as inert data
     with pytest.raises(SystemExit, match="pickles fractions.Fraction .* pass --trust-checkpoint"):
         data.load_foreign(str(tmp_path / "other.ckpt"), "official checkpoint")
-    assert data.load_foreign(str(tmp_path / "other.ckpt"), "x", trust=True)["hyper_parameters"]["ratio"] == fractions.Fraction(1, 3)
+    trusted = data.load_foreign(str(tmp_path / "other.ckpt"), "official checkpoint", trust=True)
+    assert trusted["hyper_parameters"]["ratio"] == fractions.Fraction(1, 3)
     assert "runs any code the file holds" in capsys.readouterr().out
