@@ -355,7 +355,9 @@ def test_training_on_a_bad_folder_skips_and_counts(monkeypatch, tmp_path, capsys
 def test_bad_flags_are_one_line_before_any_work(monkeypatch, tmp_path, argv, expected):
     (tmp_path / "file").write_text("not a folder")
     argv = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in argv]
-    assert expected in main_error(monkeypatch, "--encoder-weights", "random", "--out-dir", str(tmp_path / "o"), *argv)
+    base = ["--encoder-weights", "random", "--perceptual-weight", "0", "--steps", "2", "--stats-images", "2",
+            "--eval-images", "2", "--out-dir", str(tmp_path / "o")]  # a short valid run, spoiled by one bad flag
+    assert expected in main_error(monkeypatch, *base, *argv)
 
 
 def test_divergence_stops_overwrite_and_lr_on_resume(monkeypatch, tmp_path, capsys):

@@ -442,7 +442,9 @@ def test_bad_flags_are_one_line_before_any_work(monkeypatch, tmp_path, tiny_ae_c
     (tmp_path / "file").write_text("not a folder")
     fill = dict(file=str(tmp_path / "file"), tmp=str(tmp_path))
     argv = [a.format(**fill) for a in argv]
-    msg = main_error(monkeypatch, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path / "out"), *argv)
+    base = ["--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path / "out"), "--steps", "2", "--batch-size", "2",
+            "--cache-latents", "0", "--sample-every", "0", "--num-workers", "0"]  # a short valid run, but for argv
+    msg = main_error(monkeypatch, *base, *argv)
     assert expected.format(**fill) in msg, msg
 
 
@@ -501,5 +503,6 @@ def test_training_images_are_encoded_in_fp32(tiny_ae_ckpt, tmp_path, monkeypatch
         return encode(self, images)
     monkeypatch.setattr(ae.SVGAutoencoder, "encode", spy)
     main_run(monkeypatch, capsys, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path), "--bf16", "--steps", "1",
-             "--batch-size", "1", "--sample-every", "0", "--num-workers", "0", "--cache-latents", "0")
+             "--batch-size", "1", "--device-batch", "1", "--sample-every", "0", "--num-workers", "0",
+             "--cache-latents", "0")
     assert calls == [False]
