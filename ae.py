@@ -15,7 +15,6 @@ Later stages import: load_autoencoder(path) -> model with encode / decode / stan
 import argparse
 import math
 import os
-import pickle
 import re
 import time
 from contextlib import nullcontext
@@ -77,6 +76,20 @@ def build_encoder(name, weights, img_size):
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
     except Exception as e:  # wrong architecture, not a state dict, truncated file
         raise SystemExit(f"encoder: '{weights}' does not fit '{name}' ({str(e).splitlines()[0][:200]})")
+
+
+def use_stored_rope_periods(encoder):
+    """Meta's DINOv3 checkpoints store the RoPE periods in bf16 and Meta's code, which the official SVG encoder
+    runs, computes the angles from those stored values; timm drops the buffer and recomputes it in fp32 (its model
+    cards note the difference). Rounding timm's periods to bf16 gives the features of the official encoder.
+    Encoders without this buffer (DINOv2, SigLIP, MAE) are left alone."""
+    rope = getattr(encoder, "rope", None)
+    if rope is None or not torch.is_tensor(getattr(rope, "periods", None)):
+        return
+    with torch.no_grad():
+        rope.periods.copy_(rope.periods.to(torch.bfloat16).float())  # the value stays fp32, so .to() keeps it
+        if getattr(rope, "pos_embed_cached", None) is not None:  # only fixed-size models cache the table
+            rope.pos_embed_cached.copy_(rope.get_embed(rope.feat_shape))
 
 
 # -----------------------------------------------------------------------------
@@ -224,6 +237,8 @@ class SVGAutoencoder(nn.Module):
         p = int(re.search(r"patch(\d+)", config["encoder"]).group(1))  # every timm ViT name carries its patch size
         self.encoder = build_encoder(config["encoder"], encoder_weights, config["image_size"] // 16 * p)
         self.encoder.eval().requires_grad_(False)  # frozen (SPEC 6: the official code forgets requires_grad_)
+        if config.get("rope_bf16_periods"):  # pretrained DINOv3 weights (hub, Meta's file, the official AE)
+            use_stored_rope_periods(self.encoder)
         cfg = self.encoder.pretrained_cfg  # input normalisation of the encoder (ImageNet for DINO/MAE, 0.5 for SigLIP)
         self.register_buffer("in_mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
@@ -310,9 +325,7 @@ class SVGAutoencoder(nn.Module):
 
 def load_autoencoder(path, device="cpu"):
     """Rebuild a trained (or converted) autoencoder offline from its checkpoint: eval mode, frozen."""
-    ckpt = data.load_checkpoint(path, "autoencoder checkpoint")
-    if "config" not in ckpt or "model" not in ckpt:
-        raise SystemExit(f"'{path}' is not an ae.py checkpoint; convert the authors' one with --convert-official")
+    ckpt = data.load_checkpoint(path, "autoencoder checkpoint", kind="ae")
     model = SVGAutoencoder(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval().requires_grad_(False)
@@ -361,31 +374,7 @@ def psnr(x, y):  # per image, images in [-1, 1]
 
 
 # -----------------------------------------------------------------------------
-# data order, evaluation, statistics
-
-
-class RunOrder(torch.utils.data.Dataset):
-    """Position p of the run's data stream -> an image. The order is a pure function of (seed, position), so
-    --resume skips the consumed images in O(1), and rank r's k-th micro-batch is chunk k*W + r of the global order,
-    i.e. the same micro-batches as one process with gradient accumulation (DistributedSampler without shuffle
-    hands rank r the positions r, r+W, ..., which __getitem__ undoes)."""
-
-    def __init__(self, dataset, seed, start, length, world_size, device_batch):
-        self.dataset, self.seed, self.start, self.length = dataset, seed, start, length
-        self.world, self.db, self.epoch, self.perm = world_size, device_batch, None, None
-        self.skipped = dataset.skipped
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, p):
-        i, r = divmod(p, self.world)
-        k, j = divmod(i, self.db)
-        epoch, pos = divmod(self.start + (k * self.world + r) * self.db + j, len(self.dataset))
-        if epoch != self.epoch:  # a new permutation per epoch
-            self.perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-            self.epoch = epoch
-        return self.dataset[int(self.perm[pos])]
+# evaluation, statistics
 
 
 @torch.no_grad()
@@ -432,17 +421,12 @@ def compute_latent_stats(model, dataset, num_images, batch, device, ctx):
 # the authors' checkpoint
 
 
-def convert_official(ckpt_path, stats_path, out_path, encoder="vit_small_plus_patch16_dinov3_qkvb"):
+def convert_official(ckpt_path, stats_path, out_path, encoder="vit_small_plus_patch16_dinov3_qkvb", trust=False):
     """Lightning checkpoint of the official SVG AE -> our checkpoint. encoder.* is Meta-format DINOv3 (converted by
     timm's filter), extra_vit.* a torchvision ViT, decoder.* the LDM decoder; loss.* (discriminator, LPIPS) and
     norm_vit.* (created but never used by the official encode) are dropped."""
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"official checkpoint '{ckpt_path}' not found")
-    try:
-        raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # Lightning pickles its hyper-parameters: only for a file you trust
-        raw = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    sd = raw.get("state_dict", raw)
+    raw = data.load_foreign(ckpt_path, "official checkpoint", trust)
+    sd = raw.get("state_dict", raw) if isinstance(raw, dict) else {}
     if "extra_vit.encoder.pos_embedding" not in sd or "decoder.conv_out.weight" not in sd:
         raise SystemExit(f"'{ckpt_path}' is not the official SVG autoencoder (no extra_vit.* / decoder.* keys)")
     stats = data.load_checkpoint(stats_path, "official latent statistics")
@@ -467,7 +451,8 @@ def convert_official(ckpt_path, stats_path, out_path, encoder="vit_small_plus_pa
     config = dict(encoder=encoder, image_size=grid * 16, residual=True, width=sd["extra_vit.class_token"].shape[-1],
                   depth=len({k.split(".")[3] for k in sd if k.startswith("extra_vit.encoder.layers.")}), num_heads=8,
                   dropout=0.1, mask_ratio=0.1, ch=sd["decoder.conv_out.weight"].shape[1], ch_mult=(1, 1, 2, 2, 4),
-                  num_res_blocks=2, batch_stats=True, decoder_noise=0.0)  # the official model aligns per batch
+                  num_res_blocks=2, batch_stats=True, decoder_noise=0.0,  # the official model aligns per batch
+                  rope_bf16_periods=True)  # it runs Meta's DINOv3 code with the stored bf16 periods
     model = SVGAutoencoder(config)
     meta = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     ours.update({"encoder." + k: v for k, v in timm.models.eva.checkpoint_filter_fn(meta, model.encoder).items()})
@@ -518,6 +503,7 @@ def parse_args():
     p.add_argument("--eval-images", type=int, default=None, help="held-out images for PSNR / LPIPS")
     p.add_argument("--stats-images", type=int, default=None, help="training images for latent statistics (0 = all)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ae.pt")
+    p.add_argument("--overwrite", action="store_true", help="start a new run even though OUT_DIR/ae.pt exists")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="force bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
     p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder")
@@ -527,10 +513,16 @@ def parse_args():
     p.add_argument("--convert-official", metavar="CKPT", help="convert the authors' Lightning checkpoint and exit")
     p.add_argument("--stats", help="with --convert-official: the official dinov3_sp_stats.pt")
     p.add_argument("--out", help="with --convert-official: output checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="with --convert-official: unpickle any object in the file (it can run code; trusted files only)")
     args = p.parse_args()
-    for k, v in SIZES[args.size].items():
-        if k in vars(args) and getattr(args, k) is None:
+    for k, v in SIZES[args.size].items():  # --device-batch, when not given, is derived from the world size in main
+        if k in vars(args) and getattr(args, k) is None and k != "device_batch":
             setattr(args, k, v)
+    data.check_args(args, at_least=dict(steps=1, batch_size=1, device_batch=1, image_size=16, log_every=1, eval_every=1,
+                                        sample_every=1, save_every=1, eval_images=1, stats_images=0, disc_start=0,
+                                        num_workers=0, mask_ratio=0, dropout=0, decoder_noise=0, perceptual_weight=0),
+                    at_most=dict(mask_ratio=1, dropout=1), positive=("lr",))
     if args.image_size % 16:
         raise SystemExit(f"--image-size {args.image_size} must be a multiple of 16")
     return args
@@ -541,14 +533,21 @@ def main():
     if args.convert_official:
         if not (args.stats and args.out):
             raise SystemExit("--convert-official needs --stats dinov3_sp_stats.pt and --out PATH")
-        convert_official(args.convert_official, args.stats, args.out, args.encoder)
+        data.check_out_file(args.out, (".pt", ".pth"))
+        convert_official(args.convert_official, args.stats, args.out, args.encoder, args.trust_checkpoint)
         return
+    path = os.path.join(args.out_dir, "ae.pt")
+    if not args.compute_stats:
+        data.check_out_dir(args.out_dir)
+        ckpt = data.start_or_resume(path, args.resume, args.overwrite, "ae", args.steps)
     ctx = data.setup(args.seed)
     device, master, world = ctx["device"], ctx["master"], ctx["world_size"]
+    if args.device_batch is None:
+        args.device_batch = data.derive_device_batch(args.batch_size, world, SIZES[args.size]["device_batch"])
     args.bf16, why = data.choose_bf16(args.bf16, device)
     data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {device} ({why})")
     if args.compute_stats:
-        ckpt = data.load_checkpoint(args.compute_stats, "autoencoder checkpoint")
+        ckpt = data.load_checkpoint(args.compute_stats, "autoencoder checkpoint", kind="ae")
         model = load_autoencoder(args.compute_stats, device)
         n = ckpt.get("args", {}).get("stats_images", 0) if args.stats_images is None else args.stats_images
         n = compute_latent_stats(model, data.build_dataset(args.data, model.image_size, "ae"), n, args.device_batch, device, ctx)
@@ -560,14 +559,13 @@ def main():
         return
 
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
-    path = os.path.join(args.out_dir, "ae.pt")
-    ckpt = data.load_checkpoint(path, "checkpoint to resume") if args.resume else None
     config = ckpt["config"] if ckpt else dict(
         encoder=args.encoder, image_size=args.image_size, residual=not args.no_residual, depth=SIZES[args.size]["depth"],
         width=SIZES[args.size]["width"], num_heads=SIZES[args.size]["num_heads"], dropout=args.dropout,
         mask_ratio=args.mask_ratio, ch=SIZES[args.size]["ch"], ch_mult=SIZES[args.size]["ch_mult"],
         num_res_blocks=SIZES[args.size]["num_res_blocks"], batch_stats=args.batch_stats, decoder_noise=args.decoder_noise,
-        group_channels=GROUP_CHANNELS)
+        group_channels=GROUP_CHANNELS,
+        rope_bf16_periods=args.encoder_weights != "random")  # Meta's stored periods with pretrained DINOv3 weights
     train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
     val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (random encoder and LPIPS trunk included)
@@ -582,8 +580,10 @@ def main():
     if ckpt:
         for m, k in ((raw, "model"), (disc_raw, "disc"), (opt, "opt"), (opt_d, "opt_disc")):
             m.load_state_dict(ckpt[k])
+        for group in opt.param_groups + opt_d.param_groups:  # --lr applies to the resumed run, as the log says
+            group["lr"] = args.lr
         start, history = ckpt["step"], ckpt["history"]
-        data.print0(f"resumed from step {start} of {path}")
+        data.print0(f"resumed from step {start} of {path}, lr {args.lr:g}")
     lpips_net = build_lpips(args.lpips_weights).to(device) if args.perceptual_weight > 0 else None  # None: L1 only
     model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
     ddp = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
@@ -594,7 +594,8 @@ def main():
                 f"{args.image_size // 16}^2, {world} process(es) x {args.device_batch} x {accum} accumulation on {device}")
 
     val_images = torch.stack([val_set[i][0] for i in range(min(args.eval_images, len(val_set)))]).to(device)
-    stream = RunOrder(train_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world, args.device_batch)
+    stream = data.RunOrder(train_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world,
+                           args.device_batch)
     loader = iter(data.make_loader(stream, args.device_batch, shuffle=False, seed=args.seed, num_workers=args.num_workers))
     autocast = lambda: data.autocast(device, args.bf16)  # noqa: E731
     last = raw.decoder.conv_out.weight  # the adaptive GAN weight balances gradients at this layer (SPEC 1)
@@ -615,7 +616,6 @@ def main():
                 save_grid(val_images[:8].cpu(), raw(val_images[:8]).float().cpu(), os.path.join(args.out_dir, f"recon_{step:06d}.png"))
                 raw.train()
 
-    os.makedirs(args.out_dir, exist_ok=True)
     raw.train()
     t0, done = time.time(), 0
     for step in range(start, args.steps):
@@ -650,6 +650,8 @@ def main():
             log["l1"] += l1.mean().item() / accum
             log["lpips"] += p_loss.mean().item() / accum
             log["psnr"] += psnr(y.detach().float(), x).mean().item() / accum
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        data.stop_if_nonfinite(step + 1, {**{k: log[k] for k in ("l1", "lpips", "g", "w")}, "grad norm": norm}, path)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if raw.batch_stats_log:  # running alignment statistics: mean over all micro-batches of all ranks
@@ -666,6 +668,8 @@ def main():
                         d = 0.5 * (F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(y).float()).mean())
                     (d / accum).backward()
                 log["d"] += d.item() / accum
+            norm = torch.nn.utils.get_total_norm([p.grad for p in disc_raw.parameters() if p.grad is not None])
+            data.stop_if_nonfinite(step + 1, {"d": log["d"], "discriminator grad norm": norm}, path)
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         done += 1

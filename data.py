@@ -6,14 +6,18 @@ Data and the run plumbing that every stage shares.
   - ImageFolder: ImageNet layout (one sub-folder per class) or a flat folder of images (no labels).
   - The two transforms of the SPEC: the autoencoder's (short side resize, random crop, no flip) and
     the diffusion stage's (ADM centre crop, random flip). Pixels come out in [-1, 1].
-  - setup()/cleanup(), make_loader(), save_checkpoint()/load_checkpoint(): device and DDP setup, the
-    DDP-aware loader and atomic checkpoints, written once here and imported by ae.py and diffusion.py.
+  - setup()/cleanup(), make_loader(), RunOrder, save_checkpoint()/load_checkpoint(), the flag checks: device
+    and DDP setup, the DDP-aware loader and its resumable order, atomic checkpoints and one-line errors for bad
+    input, written once here and imported by ae.py, diffusion.py, sample.py and fid.py.
 
 Look at the built-in data:  python data.py --out shapes.png
 """
 import argparse
+import errno
 import math
 import os
+import pickle
+import re
 from contextlib import nullcontext
 
 import numpy as np
@@ -182,21 +186,38 @@ def adm_center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
+def check_data(root):
+    """--data: 'shapes' or an existing folder (checked before the models are built)."""
+    if root != "shapes" and os.path.isfile(root):
+        raise SystemExit(f"data: '{root}' is a file; pass a folder of images (ImageNet layout or flat) or shapes")
+    if root != "shapes" and not os.path.isdir(root):
+        raise SystemExit(f"data: folder '{root}' does not exist; pass --data shapes for the built-in data")
+
+
+def _is_dir(entry):
+    """A folder entry's kind without raising: a symlink to itself (ELOOP) or an unreadable entry counts as a file,
+    which the loader then skips and counts."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 class ImageFolder(Dataset):
     """root/<class>/<image> (ImageNet layout, sorted class names -> ids) or root/<image> (label 0, unconditional).
     Unreadable files are skipped: the next index is served instead and the miss is counted in
     `self.skipped` (shared memory, so DataLoader workers add to the same counter)."""
 
     def __init__(self, root, size=256, stage="ae", train=True):
-        if not os.path.isdir(root):
-            raise SystemExit(f"data: folder '{root}' does not exist; pass --data shapes for the built-in data")
+        check_data(root)
         entries = sorted(os.scandir(root), key=lambda e: e.name)
-        classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        is_dir = {e.path: _is_dir(e) for e in entries}
+        classes = [e.name for e in entries if is_dir[e.path] and not e.name.startswith(".")]
         if classes:
             self.files = [(os.path.join(dp, f), i) for i, c in enumerate(classes)
                           for dp, _, fs in sorted(os.walk(os.path.join(root, c))) for f in sorted(fs)]
-        else:
-            self.files = [(e.path, 0) for e in entries if e.is_file()]
+        else:  # every other entry is a candidate: one that cannot be read is skipped and counted
+            self.files = [(e.path, 0) for e in entries if not is_dir[e.path]]
         self.classes = classes or ["(unlabelled)"]
         self.num_classes = len(self.classes)
         n_all = len(self.files)
@@ -324,6 +345,57 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def check_args(args, at_least=None, at_most=None, positive=()):
+    """Bad flags stop in one line before any work: every float flag must be finite (argparse takes 'nan' and
+    'inf'), `at_least` / `at_most` map flags to bounds, `positive` flags must be > 0. None (not set yet) passes."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for name, value in vars(args).items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise SystemExit(f"{flag(name)} must be a finite number (got {value})")
+    for name, low in (at_least or {}).items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise SystemExit(f"{flag(name)} must be at least {low} (got {getattr(args, name)})")
+    for name, high in (at_most or {}).items():
+        if getattr(args, name) is not None and getattr(args, name) > high:
+            raise SystemExit(f"{flag(name)} must be at most {high} (got {getattr(args, name)})")
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise SystemExit(f"{flag(name)} must be positive (got {getattr(args, name)})")
+
+
+def check_out_dir(path, flag="--out-dir"):
+    """Create the output folder now, so that a path under a file, in /proc or without permission fails in one
+    line before any work rather than at the first save."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{flag} '{path}' cannot be created ({e.strerror}); pass a writable folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} '{path}' is not writable; pass a writable folder")
+
+
+def check_out_file(path, extensions, flag="--out"):
+    """An output file path, checked before the work that fills it: not a folder, a known extension, a writable
+    folder around it."""
+    if os.path.isdir(path):
+        raise SystemExit(f"{flag} '{path}' is a folder; pass a file name such as "
+                         f"{os.path.join(path, 'out' + extensions[0])}")
+    if not path.lower().endswith(tuple(extensions)):
+        raise SystemExit(f"{flag} '{path}' must end in {' or '.join(extensions)}; pass {flag} NAME{extensions[0]}")
+    check_out_dir(os.path.dirname(os.path.abspath(path)), f"the folder of {flag}")
+
+
+def derive_device_batch(global_batch, world_size, cap):
+    """--device-batch when it is not given: the largest micro-batch up to the preset's `cap` (what fits in memory)
+    that splits each process's share of the global batch evenly, so a preset runs on any process count."""
+    if global_batch % world_size:
+        raise SystemExit(f"--batch-size {global_batch} does not split over {world_size} processes; pass a multiple of "
+                         f"{world_size}")
+    share = global_batch // world_size
+    return max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
+
+
 def grad_accum_steps(global_batch, device_batch, world_size):
     """The global batch is the hyper-parameter: the same flags give the same run on 1 or 8 processes."""
     per_step = device_batch * world_size
@@ -343,7 +415,7 @@ def shard(num, batch_size, rank, world_size):
 
 
 def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, num_workers=None):
-    """DataLoader with a DistributedSampler under DDP (set_epoch is called by `batches`)."""
+    """DataLoader with a DistributedSampler under DDP."""
     if len(dataset) < batch_size and drop_last:
         raise SystemExit(f"data: {len(dataset)} images is fewer than one batch of {batch_size}")
     sampler = None
@@ -357,36 +429,180 @@ def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, num_w
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
-def batches(loader, start_epoch=0):
-    """Endless (epoch, images, labels) stream; reports skipped unreadable files once per epoch."""
-    epoch = start_epoch
-    while True:
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        for images, labels in loader:
-            yield epoch, images, labels
-        skipped = int(loader.dataset.skipped.item())
-        if skipped:
-            print0(f"data: epoch {epoch}: skipped {skipped} unreadable or non-image files so far")
-        epoch += 1
+class RunOrder(Dataset):
+    """Position p of a run's data stream -> an item of `dataset` (any Dataset). The order is a pure function of
+    (seed, position): a new permutation per epoch, so --resume skips the consumed items in O(1) and is exact
+    across epoch boundaries. Rank r's k-th micro-batch is chunk k*W + r of the global order, i.e. the same
+    micro-batches as one process with gradient accumulation (a DistributedSampler without shuffle hands rank r
+    the positions r, r+W, ..., which __getitem__ undoes). The dataset's own random augmentation (crops, flips)
+    draws from torch's and numpy's global generators, seeded here per position: it too is the same after a
+    resume, with any number of workers or processes. Load it with make_loader(..., shuffle=False)."""
+
+    def __init__(self, dataset, seed, start, length, world_size, device_batch):
+        self.dataset, self.seed, self.start, self.length = dataset, seed, start, length
+        self.world, self.db, self.epoch, self.perm = world_size, device_batch, None, None
+        self.skipped = getattr(dataset, "skipped", torch.zeros(1, dtype=torch.int64))  # unreadable files so far
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, p):
+        i, r = divmod(p, self.world)
+        k, j = divmod(i, self.db)
+        position = self.start + (k * self.world + r) * self.db + j
+        epoch, pos = divmod(position, len(self.dataset))
+        if epoch != self.epoch:  # a new permutation per epoch
+            self.perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+            self.epoch = epoch
+        torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+        torch.default_generator.manual_seed(self.seed * 1_000_003 + position)  # CPU only: CUDA's stream is untouched
+        np.random.seed([self.seed % 2**32, position])
+        try:
+            return self.dataset[int(self.perm[pos])]
+        finally:  # the caller's generators continue as if nothing was drawn
+            torch.set_rng_state(torch_state)
+            np.random.set_state(numpy_state)
 
 
 def save_checkpoint(obj, path):
-    """Atomic: write a temporary file then rename, so a crash never leaves half a checkpoint."""
+    """Atomic: write a temporary file then rename, so a crash never leaves half a checkpoint. The temporary is
+    removed on any failure (and a dead process's leftover on the next save); a full disk is one line. Weights
+    holding NaN or inf are never written: the checkpoint on disk stays the last good one."""
+    bad = [f"{part}.{k}" for part in ("model", "ema") for k, v in (obj.get(part) or {}).items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"not saving {path}: {len(bad)} tensors hold NaN or inf (first {bad[0]}); the file on disk "
+                         "is kept. Lower --lr or check the data")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder, name = os.path.split(os.path.abspath(path))
+    for f in os.listdir(folder):  # leftovers of a killed process (SIGKILL, OOM) would fill the disk over time
+        pid = f[len(name) + 4:] if f.startswith(name + ".tmp") else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            os.remove(os.path.join(folder, f))
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a Python file: a full disk is OSError ENOSPC, not torch's cryptic RuntimeError
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise SystemExit(f"disk full while writing {path}; free space there (the previous file is kept)") from None
+        raise
 
 
-def load_checkpoint(path, what="checkpoint"):
-    """Plain-dict checkpoints load with weights_only=True; a missing or corrupt file is one clear line."""
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# what each stage's checkpoint holds (ae.py: model + config with the image size; diffusion.py: also `ae`)
+KINDS = {"ae": "an autoencoder checkpoint (ae.py)", "dit": "a diffusion checkpoint (diffusion.py)",
+         None: "not a checkpoint of this project (the authors' files need --convert-official first)"}
+
+
+def checkpoint_kind(ckpt):
+    if isinstance(ckpt, dict) and "ae" in ckpt and "config" in ckpt:
+        return "dit"
+    if isinstance(ckpt, dict) and "model" in ckpt and "image_size" in (ckpt.get("config") or {}):
+        return "ae"
+    return None
+
+
+def load_checkpoint(path, what="checkpoint", kind=None):
+    """Plain-dict checkpoints load with weights_only=True; a missing or corrupt file, or one of the wrong `kind`
+    ('ae' or 'dit'), is one clear line."""
     if not path or not os.path.isfile(path):
         raise SystemExit(f"{what} '{path}' not found; train one first or pass the right path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise SystemExit(f"{what} '{path}' cannot be read ({type(e).__name__}): is it a complete checkpoint?")
+    if kind and checkpoint_kind(ckpt) != kind:
+        raise SystemExit(f"{what} '{path}' is {KINDS[checkpoint_kind(ckpt)]}; pass {KINDS[kind]}")
+    return ckpt
+
+
+class Opaque:
+    """Stands in for a pickled object of a foreign class: its state is kept as data, none of the class's code runs."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+# What the authors' checkpoints pickle besides tensors and plain containers: DiT-style scripts save their
+# argparse.Namespace; a Lightning checkpoint's `hyper_parameters` may be Lightning's AttributeDict (a dict) or
+# omegaconf containers with their metadata, read here as inert data (the official SVG autoencoder does not even
+# save hyper-parameters). Anything else needs --trust-checkpoint.
+FOREIGN_GLOBALS = [argparse.Namespace, (dict, "builtins.dict"), (list, "builtins.list"),
+                   *[(dict, m + ".AttributeDict") for m in ("lightning.fabric.utilities.data",
+                                                             "lightning_fabric.utilities.data",
+                                                             "pytorch_lightning.utilities.parsing")],
+                   *[(Opaque, "omegaconf." + n) for n in ("dictconfig.DictConfig", "listconfig.ListConfig",
+                                                          "base.Metadata", "base.ContainerMetadata", "nodes.AnyNode",
+                                                          "nodes.StringNode", "nodes.IntegerNode", "nodes.FloatNode",
+                                                          "nodes.BooleanNode")],
+                   *[(Opaque, n) for n in ("typing.Any", "typing.Dict", "typing.List", "collections.defaultdict")]]
+
+
+def load_foreign(path, what, trust=False):
+    """A checkpoint made by other code (the official ones), never silently unpickling arbitrary objects:
+    weights_only with FOREIGN_GLOBALS, else one line naming what the file pickles. trust=True
+    (--trust-checkpoint) unpickles anything, with a loud warning."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{what} '{path}' not found")
+    if trust:
+        print("!" * 100 + f"\n!!! --trust-checkpoint: unpickling '{path}' with weights_only=False runs any code the "
+              "file holds; only for a file from a source you trust\n" + "!" * 100, flush=True)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(FOREIGN_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)|function (.+?)(?:\.|$)", str(e), re.M)
+        raise SystemExit(f"{what} '{path}' pickles {found and (found[1] or found[2]) or 'objects'} besides tensors and "
+                         "plain containers, and unpickling that could run code: pass --trust-checkpoint only if you "
+                         "trust where the file comes from")
+    except Exception as e:  # truncated, not a torch file
+        raise SystemExit(f"{what} '{path}' cannot be read ({type(e).__name__}): is it a complete checkpoint?")
+
+
+def start_or_resume(path, resume, overwrite, kind, steps):
+    """The checkpoint to continue (--resume) or None for a new run, which never replaces a checkpoint silently."""
+    if not resume:
+        if os.path.exists(path) and not overwrite:
+            raise SystemExit(f"{path} already holds a checkpoint: pass --resume to continue it, another --out-dir for "
+                             "a new run, or --overwrite to replace it")
+        return None
+    ckpt = load_checkpoint(path, "checkpoint to resume", kind)
+    if ckpt.get("opt") is None:
+        raise SystemExit(f"--resume: {path} holds no optimizer state (a converted checkpoint?); start a new run")
+    if steps <= ckpt["step"]:
+        raise SystemExit(f"--resume: {path} is at step {ckpt['step']} already; pass a larger --steps")
+    return ckpt
+
+
+def stop_if_nonfinite(step, terms, path):
+    """A diverged run (a loss term or the gradient norm NaN or inf) stops before its optimizer step, so the
+    weights never turn non-finite and the checkpoint on disk stays the last good one. `terms` maps names to
+    floats or 0-d tensors; the tensors are read with one device sync."""
+    tensors = {k: v for k, v in terms.items() if torch.is_tensor(v)}
+    if tensors:
+        terms = {**terms, **dict(zip(tensors, torch.stack([v.detach().float() for v in tensors.values()]).tolist()))}
+    if all(math.isfinite(v) for v in terms.values()):
+        return
+    kept = f"{path} keeps the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
+    raise SystemExit(f"step {step}: non-finite training values ({', '.join(f'{k} {v:.4g}' for k, v in terms.items())})"
+                     f"; stopped before the optimizer step, {kept}. Lower --lr or check the data")
 
 
 if __name__ == "__main__":

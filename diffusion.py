@@ -244,7 +244,7 @@ def forward_macs(config):
 
 def load_model(path, ema=True):
     """A DiT from our checkpoint, EMA weights by default, in eval mode; model.ae / model.step from the file."""
-    ckpt = data.load_checkpoint(path, "diffusion checkpoint")
+    ckpt = data.load_checkpoint(path, "diffusion checkpoint", kind="dit")
     model = DiT(**ckpt["config"])
     model.load_state_dict(ckpt["ema" if ema else "model"])
     model.ae, model.step = ckpt["ae"], ckpt["step"]
@@ -390,8 +390,7 @@ def convert_official(sd):
 
 
 def convert_official_cli(args):
-    with torch.serialization.safe_globals([argparse.Namespace]):  # DiT-style scripts pickle their args
-        official = data.load_checkpoint(args.convert_official, "official DiT checkpoint")
+    official = data.load_foreign(args.convert_official, "official DiT checkpoint", args.trust_checkpoint)
     ae = load_frozen_ae(args.ae, "cpu")
     sds = {k: official[k] for k in ("ema", "model") if k in official} or {"ema": official}  # or a bare state dict
     out = {}
@@ -472,7 +471,7 @@ def encode_dataset(ae, dataset, num, batch, device, run):
         dist.all_gather(parts[1], pad(labels))
         tokens, labels = (torch.cat([p[:b - a].cpu() for p, (a, b) in zip(ps, sizes)]) for ps in parts)
     cached = torch.utils.data.TensorDataset(tokens, labels)
-    cached.skipped = dataset.skipped  # data.batches reports the encoded set's unreadable files each epoch
+    cached.skipped = dataset.skipped  # the training log reports the encoded set's unreadable files
     return cached
 
 
@@ -546,9 +545,17 @@ def parse_args():
     p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (and one at the end)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100/A100 table, CPU guess)")
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/dit.pt (model, EMA, optimizer, step)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run even though OUT_DIR/dit.pt exists")
     p.add_argument("--convert-official", default=None, metavar="OFFICIAL.pt", help="convert the authors' DiT, then exit")
     p.add_argument("--out", default=None, help="output path of --convert-official")
-    return p.parse_args()
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="with --convert-official: unpickle any object in the file (it can run code; trusted files only)")
+    args = p.parse_args()
+    data.check_args(args, at_least=dict(steps=1, batch_size=1, device_batch=1, log_every=1, ckpt_every=1, sample_every=0,
+                                        num_workers=0, weight_decay=0, clip_grad=0, class_dropout=0, ema_decay=0,
+                                        cache_latents=0),
+                    at_most=dict(class_dropout=1, ema_decay=1), positive=("lr", "peak_tflops"))
+    return args
 
 
 def main():
@@ -556,13 +563,21 @@ def main():
     if args.convert_official:
         if not args.out:
             raise SystemExit("--convert-official needs --out PATH (and --ae AE_CKPT)")
+        data.check_out_file(args.out, (".pt", ".pth"))
         return convert_official_cli(args)
-    for key, value in PRESETS["tiny" if args.size == "tiny" else "full"].items():
-        if getattr(args, key) is None:
+    preset = PRESETS["tiny" if args.size == "tiny" else "full"]
+    for key, value in preset.items():  # --device-batch, when not given, is derived from the world size below
+        if getattr(args, key) is None and key != "device_batch":
             setattr(args, key, value)
     head = head_config(args)
+    data.check_data(args.data)
+    data.check_out_dir(args.out_dir)
+    ckpt_path = os.path.join(args.out_dir, "dit.pt")
+    ckpt = data.start_or_resume(ckpt_path, args.resume, args.overwrite, "dit", args.steps)
     run = data.setup(args.seed)
     device, world, rank = run["device"], run["world_size"], run["rank"]
+    if args.device_batch is None:
+        args.device_batch = data.derive_device_batch(args.batch_size, world, preset["device_batch"])
     args.bf16, why = data.choose_bf16(args.bf16, device)
     data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {device} ({why})")
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
@@ -577,8 +592,6 @@ def main():
     if args.sample_shift is None:
         args.sample_shift = "auto" if args.shift == "auto" else SAMPLE_SHIFT
     shift = resolve_shift(args.shift, config)  # the number; args keep 'auto' for the record
-    ckpt_path = os.path.join(args.out_dir, "dit.pt")
-    ckpt = data.load_checkpoint(ckpt_path, "checkpoint to resume") if args.resume else None
     if ckpt is not None:
         if ckpt["config"] != config:
             raise SystemExit(f"--resume: {ckpt_path} has config {ckpt['config']}, these flags and AE give {config}: "
@@ -592,6 +605,8 @@ def main():
         raw.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:  # --lr applies to the resumed run, as the log says
+            group["lr"] = args.lr
         step = ckpt["step"]
         del ckpt
     model = torch.compile(raw) if args.compile else raw  # compile before DDP; raw keeps clean state-dict keys
@@ -599,49 +614,54 @@ def main():
         model = DDP(model, device_ids=[run["local_rank"]] if device.type == "cuda" else None)
     if args.cache_latents:
         dataset = encode_dataset(ae, dataset, args.cache_latents, args.device_batch, device, run)
-    loader = data.make_loader(dataset, args.device_batch, seed=args.seed,
-                              num_workers=0 if args.cache_latents else args.num_workers)
-    micro = step * accum  # resume continues the data stream where it stopped (exact under DDP's epoch-keyed order)
-    stream = data.batches(loader, start_epoch=micro // len(loader))
-    for _ in range(micro % len(loader)):
-        next(stream)
+    # the data order is a function of (seed, position): a resume continues it exactly, 1 or N processes see the same
+    stream = data.RunOrder(dataset, args.seed, step * args.batch_size, (args.steps - step) * args.batch_size, world,
+                           args.device_batch)
+    loader = iter(data.make_loader(stream, args.device_batch, shuffle=False, seed=args.seed,
+                                   num_workers=0 if args.cache_latents else args.num_workers))
 
     macs = forward_macs(config)
     peak = args.peak_tflops or default_peak_tflops(device, args.bf16)
     data.print0(f"config: {vars(args)}\nmodel {args.size}: {config}, {sum(p.numel() for p in raw.parameters()):,} "
                 f"parameters, {macs / 1e9:.2f} GMACs/image forward; {world} process(es) x {args.device_batch} x {accum} "
                 f"accumulation = {args.batch_size}; peak {peak:.1f} TFLOPs for MFU")
-    os.makedirs(args.out_dir, exist_ok=True)
     T, C = config["grid"] ** 2, config["in_channels"]
     raw.train()
     t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
     while step < args.steps:
         # noise, times and label drops of the whole global batch from (seed, step): the same numbers on
-        # 1 or N processes and after a resume; each process takes the rows of its samples in the
-        # DistributedSampler's interleaved order (sample j of micro-step m on rank r is global row (m*b+j)*world+r)
+        # 1 or N processes and after a resume; each process takes the rows of its samples in RunOrder's
+        # layout (micro-step m on rank r is chunk m*world + r of the global batch)
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
         x0_all = torch.randn(args.batch_size, T, C, generator=g, device=device)
         u_all = draw_u(args.batch_size, args.time_dist, g, device)
         drop_all = torch.rand(args.batch_size, generator=g, device=device) < config["class_dropout"]
+        step_loss = torch.zeros((), device=device)
         for m in range(accum):
-            _, batch, labels = next(stream)
+            batch, labels = next(loader)
             batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if args.cache_latents:
                 x1 = batch  # (b, T, C), encoded and standardised once by encode_dataset
             else:
-                with torch.no_grad(), data.autocast(device, args.bf16):
+                # fp32 (TF32 on GPU), not bf16: the latent statistics were computed in fp32, the official code
+                # encodes in fp32/TF32, and official channels with std 0.16 around mean 3.5 show bf16's rounding
+                # once standardised
+                with torch.no_grad():
                     z = ae.encode(batch)  # (b, C, grid, grid), frozen AE, online as the official code
                 x1 = to_tokens(ae.standardize(z.float()))  # (b, T, C), per-channel standardised (SPEC 1)
-            rows = (torch.arange(len(labels), device=device) + m * args.device_batch) * world + rank
+            rows = torch.arange(len(labels), device=device) + (m * world + rank) * args.device_batch
             y = torch.where(drop_all[rows], config["num_classes"], labels)  # label dropout -> null class
             sync = model.no_sync() if run["ddp"] and m < accum - 1 else nullcontext()  # all-reduce once per step
             with sync:
                 with data.autocast(device, args.bf16):
                     loss = flow_loss(model, x1, y, shift, x0=x0_all[rows], u=u_all[rows], pred=config["pred"])
                 (loss / accum).backward()
-            loss_log += loss.detach() / accum
+            step_loss += loss.detach() / accum
+        norm = torch.nn.utils.get_total_norm([p.grad for p in raw.parameters() if p.grad is not None])
+        data.stop_if_nonfinite(step + 1, {"loss": step_loss, "grad norm": norm}, ckpt_path)  # one sync per step
         if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+            torch.nn.utils.clip_grads_with_norm_(raw.parameters(), args.clip_grad, norm)
+        loss_log += step_loss
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_ema(ema, raw, args.ema_decay)
@@ -655,8 +675,10 @@ def main():
             dt = time.time() - t_log
             img_s = (step - step_log) * args.batch_size / dt
             mfu = 6 * macs * img_s / world / (peak * 1e12)  # train = 3 forwards, 2 FLOPs per MAC
-            data.print0(f"step {step} | loss {loss_log.item() / (step - step_log):.6f} | lr {args.lr:.2e} | "
-                        f"{img_s:.2f} images/s | MFU {100 * mfu:.2f}% | peak mem {data.peak_memory_gib(device):.2f} GiB")
+            skipped = int(stream.skipped.item())
+            data.print0(f"step {step} | loss {loss_log.item() / (step - step_log):.6f} | "
+                        f"lr {opt.param_groups[0]['lr']:.2e} | {img_s:.2f} images/s | MFU {100 * mfu:.2f}% | peak mem {data.peak_memory_gib(device):.2f} GiB"
+                        + (f" | skipped files {skipped}" if skipped else ""))
             t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
         if run["master"] and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             save_preview(ema, ae, os.path.join(args.out_dir, f"preview_{step:07d}.png"), args.seed, args.sample_shift)

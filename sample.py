@@ -196,6 +196,8 @@ def main():
         raise SystemExit(f"sample: --num writes an .npz; pass --out NAME.npz (got '{args.out}')")
     if min(args.batch_size, args.per_class, args.frames) < 1 or args.num < 0:
         raise SystemExit("sample: --batch-size, --per-class and --frames must be >= 1, --num >= 0")
+    data.check_args(args)  # --cfg, --shift, --cfg-interval finite: NaN would give black images
+    data.check_out_file(args.out, (".npz",) if args.num else data.IMAGE_EXTENSIONS)  # before the sampling, not after
     if not os.path.isfile(args.ckpt):
         raise SystemExit(f"sample: diffusion checkpoint '{args.ckpt}' not found; train one with diffusion.py or pass --ckpt")
     run = data.setup(args.seed)

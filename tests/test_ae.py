@@ -17,7 +17,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import ae
 import data
-from conftest import ROOT, run, torchrun
+from conftest import ROOT, TINY_AE_FLAGS, run, torchrun
 
 DINO = "vit_small_plus_patch16_dinov3_qkvb"
 # 4 steps of global batch 2 as 2 micro-batches of 1 at 32 px; the GAN switches on at step 2; a checkpoint at step 2
@@ -137,9 +137,24 @@ def official_shapes():
     return shapes
 
 
+def meta_periods(head_dim=64, base=100.0):
+    """Meta's DINOv3 RoPE periods (dinov3/layers/rope_position_encoding.py: base^(2k / (D/2)) for k < D/4, D the
+    head dim) as its released checkpoints store them: in bf16."""
+    return (base ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))).to(torch.bfloat16)
+
+
+def meta_rope(periods, H, W):
+    """Meta's RopePositionEmbedding in eval mode ("separate" coordinates), from its arithmetic: the centres of an
+    H x W grid mapped to [-1, 1], angles 2 pi c / period per axis and period, tiled twice -> [sin | cos] (HW, 2D),
+    the layout timm's get_embed returns. `periods` as Meta loads them: the stored values in an fp32 buffer."""
+    c = torch.stack(torch.meshgrid(torch.arange(0.5, H) / H, torch.arange(0.5, W) / W, indexing="ij"), -1)
+    angles = (2 * math.pi * (2 * c.flatten(0, 1) - 1)[:, :, None] / periods.float()).flatten(1).tile(2)  # (HW, D)
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
 def to_meta(timm_sd):
     """A timm DINOv3 state dict in Meta's original format (what the official checkpoint's encoder.* holds)."""
-    meta = {"rope_embed.periods": torch.rand(16), "mask_token": torch.zeros(1, 384)}
+    meta = {"rope_embed.periods": meta_periods(), "mask_token": torch.zeros(1, 384)}
     for k, v in timm_sd.items():
         if k.endswith("attn.q_bias"):
             v_bias = timm_sd[k.replace("q_bias", "v_bias")]
@@ -166,6 +181,7 @@ def test_convert_official_maps_every_key_and_matches_torchvision(tmp_path):
     torch.manual_seed(0)
     shapes = official_shapes()
     dino = timm.create_model(DINO, pretrained=False, num_classes=0, img_size=256).eval()
+    dino.rope.periods.copy_(meta_periods())  # Meta's model as the official code loads it: the stored bf16 periods
     vit = VisionTransformer(image_size=256, patch_size=16, num_layers=6, num_heads=8, hidden_dim=384, mlp_dim=1536,
                             dropout=0.1, attention_dropout=0.1)
     vit.heads = nn.Sequential(nn.Linear(384, 384), nn.GELU(), nn.Linear(384, 8))
@@ -327,3 +343,136 @@ def test_training_on_a_bad_folder_skips_and_counts(monkeypatch, tmp_path, capsys
     ae.main()
     out = capsys.readouterr().out
     assert "skipped files" in out and "final: step 2" in out
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--eval-every", "0"], "--eval-every must be at least 1"), (["--save-every", "0"], "--save-every must be"),
+    (["--log-every", "0"], "--log-every must be"), (["--steps", "-3"], "--steps must be at least 1"),
+    (["--image-size", "0"], "--image-size must be at least 16"), (["--device-batch", "0"], "--device-batch must be"),
+    (["--lr", "0"], "--lr must be positive"), (["--lr", "nan"], "--lr must be a finite"),
+    (["--mask-ratio", "2"], "--mask-ratio must be at most 1"), (["--out-dir", "{file}/run"], "cannot be created"),
+    (["--convert-official", "x.ckpt", "--stats", "s.pt", "--out", "{tmp}"], "is a folder")])
+def test_bad_flags_are_one_line_before_any_work(monkeypatch, tmp_path, argv, expected):
+    (tmp_path / "file").write_text("not a folder")
+    argv = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in argv]
+    base = ["--encoder-weights", "random", "--perceptual-weight", "0", "--steps", "2", "--stats-images", "2",
+            "--eval-images", "2", "--out-dir", str(tmp_path / "o")]  # a short valid run, spoiled by one bad flag
+    assert expected in main_error(monkeypatch, *base, *argv)
+
+
+def test_divergence_stops_overwrite_and_lr_on_resume(monkeypatch, tmp_path, capsys):
+    """A new run never replaces ae.pt silently; --lr 1e30 stops in one line naming the step and the loss terms
+    with ae.pt untouched; --lr on --resume reaches both optimizers; --device-batch is derived when not given."""
+    flags = ["ae.py", *SMALL[1:], "--out-dir", str(tmp_path), "--perceptual-weight", "0", "--eval-every", "100",
+             "--sample-every", "100"]
+    flags = [f for i, f in enumerate(flags) if "--device-batch" not in flags[i - 1:i + 1]]  # derived: 2 (preset cap 8)
+    monkeypatch.setattr(sys, "argv", [*flags, "--steps", "1"])
+    ae.main()
+    assert "1 process(es) x 2 x 1 accumulation" in capsys.readouterr().out
+    good = (tmp_path / "ae.pt").read_bytes()
+    msg = main_error(monkeypatch, *flags[1:])
+    assert "already holds a checkpoint" in msg and all(f in msg for f in ("--resume", "--out-dir", "--overwrite"))
+    msg = main_error(monkeypatch, *flags[1:], "--overwrite", "--lr", "1e30", "--save-every", "100")
+    assert re.match(r"step \d+: non-finite training values \(l1 \S+, lpips \S+, g \S+, w \S+, grad norm \S+\); "
+                    r"stopped before the optimizer step, .*ae.pt keeps the last good checkpoint", msg), msg
+    assert (tmp_path / "ae.pt").read_bytes() == good
+    monkeypatch.setattr(sys, "argv", [*flags, "--resume", "--steps", "2", "--lr", "3e-4"])
+    ae.main()
+    assert "resumed from step 1" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "ae.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["opt"]["param_groups"][0]["lr"] == ckpt["opt_disc"]["param_groups"][0]["lr"] == 3e-4
+
+
+def test_rope_periods_match_meta(capsys):
+    """With pretrained DINOv3 weights our encoder uses Meta's stored bf16 periods, as the official SVG encoder does
+    (timm recomputes them in fp32): the RoPE table then equals Meta's arithmetic and the features equal those of
+    the same network with Meta's RoPE. Random weights; the periods path is the pretrained one."""
+    config = dict(encoder=DINO, image_size=64, residual=False, depth=1, width=64, num_heads=2, dropout=0.0,
+                  mask_ratio=0.0, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=0, batch_stats=False, decoder_noise=0.0)
+    torch.manual_seed(0)
+    timm_only = ae.SVGAutoencoder(dict(config, rope_bf16_periods=False)).encoder
+    ours = ae.SVGAutoencoder(dict(config, rope_bf16_periods=True)).encoder
+    with torch.no_grad():  # layer scales of 1, not timm's init of 1e-5, which would hide attention (and RoPE) entirely
+        for name, p in timm_only.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                p.fill_(1.0)
+    ours.load_state_dict(timm_only.state_dict())  # the same network; the periods are not in the state dict
+    meta = timm.create_model(DINO, pretrained=False, num_classes=0, img_size=64).eval()
+    meta.load_state_dict(timm_only.state_dict())
+    meta.rope.get_embed = lambda shape=None, dtype=None: meta_rope(meta_periods(), *shape)  # Meta's RoPE
+    assert torch.equal(ours.rope.periods, meta_periods().float())
+    table = {name: (enc.rope.get_embed(shape=(4, 4)) - meta_rope(meta_periods(), 4, 4)).abs().max().item()
+             for name, enc in (("before", timm_only), ("after", ours))}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = meta.forward_features(x)
+        feats = {name: (enc.forward_features(x) - want).abs().max().item() for name, enc in (("before", timm_only),
+                                                                                           ("after", ours))}
+    print(f"RoPE table max |diff| vs Meta: {table}; encoder features max |diff|: {feats}")
+    assert table["after"] < 1e-6 and feats["after"] < 1e-5
+    assert table["before"] > 1e-4 and feats["before"] > 10 * max(feats["after"], 1e-6)
+
+
+class Payload:
+    """Unpickling this runs `touch PATH`: what a crafted checkpoint can do to a loader that trusts it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_convert_never_runs_code_from_a_checkpoint(monkeypatch, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": {"decoder.conv_out.weight": torch.zeros(3, 8, 3, 3)}, "hyper_parameters": Payload(marker)},
+               tmp_path / "evil.ckpt")
+    msg = main_error(monkeypatch, "--convert-official", str(tmp_path / "evil.ckpt"), "--stats", str(tmp_path / "s.pt"),
+                     "--out", str(tmp_path / "out.pt"))
+    assert "pickles posix.system" in msg and "--trust-checkpoint" in msg and not marker.exists()
+    assert not os.path.exists(tmp_path / "out.pt")
+
+
+def test_foreign_checkpoints_load_as_data(monkeypatch, tmp_path, capsys):
+    """What a Lightning checkpoint may pickle as hyper-parameters (an argparse Namespace, Lightning's AttributeDict,
+    omegaconf containers, pickled here from stand-ins with the same module names and state layout) loads without
+    those packages and without running their code; any other class needs --trust-checkpoint, which warns."""
+    import argparse
+    import fractions
+    import types
+    import typing
+    from collections import defaultdict
+
+    def fake(module, name, base=object):
+        cls = type(name, (base,), {"__module__": module, "__qualname__": name})
+        for m in (module.split(".")[0], module):
+            monkeypatch.setitem(sys.modules, m, sys.modules.get(m) or types.ModuleType(m))
+        setattr(sys.modules[module], name, cls)
+        return cls
+    AttributeDict = fake("lightning.fabric.utilities.data", "AttributeDict", dict)
+    DictConfig, ContainerMetadata = fake("omegaconf.dictconfig", "DictConfig"), fake("omegaconf.base", "ContainerMetadata")
+    AnyNode, Metadata = fake("omegaconf.nodes", "AnyNode"), fake("omegaconf.base", "Metadata")
+    meta = ContainerMetadata()
+    meta.__dict__.update(ref_type=typing.Any, object_type=dict, optional=True, key=None, flags={}, flags_root=False,
+                         resolver_cache=defaultdict(dict), key_type=typing.Any, element_type=typing.Any)
+    node, node_meta = AnyNode(), Metadata()
+    node_meta.__dict__.update(ref_type=typing.Any, object_type=None, optional=True, key="lr", flags={})
+    node.__dict__.update(_val=1e-4, _metadata=node_meta, _parent=None)
+    cfg = DictConfig()
+    cfg.__dict__.update(_metadata=meta, _parent=None, _content={"lr": node})
+    sd = {"decoder.conv_out.weight": torch.ones(3, 8, 3, 3)}
+    torch.save({"state_dict": sd, "hyper_parameters": AttributeDict(ddconfig=cfg, lr=1e-4), "epoch": 40,
+                "args": argparse.Namespace(model="SVG"),
+                "callbacks": {"ModelCheckpoint": {"best_model_score": torch.ones(())}}}, tmp_path / "lightning.ckpt")
+    torch.save({"state_dict": sd, "hyper_parameters": {"ratio": fractions.Fraction(1, 3)}}, tmp_path / "other.ckpt")
+    for m in [m for m in sys.modules if m.split(".")[0] in ("lightning", "omegaconf")]:
+        monkeypatch.delitem(sys.modules, m)  # as on a machine without these packages
+    ckpt = data.load_foreign(str(tmp_path / "lightning.ckpt"), "official checkpoint")
+    assert torch.equal(ckpt["state_dict"]["decoder.conv_out.weight"], sd["decoder.conv_out.weight"])
+    assert type(ckpt["hyper_parameters"]) is dict and ckpt["args"].model == "SVG"
+    assert ckpt["hyper_parameters"]["ddconfig"].state["_content"]["lr"].state["_val"] == 1e-4  # kept as inert data
+    with pytest.raises(SystemExit, match="pickles fractions.Fraction .* pass --trust-checkpoint"):
+        data.load_foreign(str(tmp_path / "other.ckpt"), "official checkpoint")
+    trusted = data.load_foreign(str(tmp_path / "other.ckpt"), "official checkpoint", trust=True)
+    assert trusted["hyper_parameters"]["ratio"] == fractions.Fraction(1, 3)
+    assert "runs any code the file holds" in capsys.readouterr().out

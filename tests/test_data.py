@@ -1,5 +1,8 @@
 """data.py: the built-in dataset, image folders with bad input, transforms, loader and checkpoints."""
+import errno
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,17 +112,43 @@ def test_bad_folders_stop_at_start(tmp_path, case):
         data.ImageFolder(str(root), size=32)
 
 
-def test_loader_batches_and_accum():
-    ds = data.Shapes("train", size=16, length=20)
-    loader = data.make_loader(ds, batch_size=8, num_workers=0)
-    stream = data.batches(loader)
-    epochs = [next(stream)[0] for _ in range(5)]
-    assert epochs == [0, 0, 1, 1, 2]  # drop_last: 2 batches per epoch of 20
+def test_run_order_resumes_across_epochs_and_splits_like_accumulation():
+    """RunOrder: each epoch is a permutation, a stream started at position 6 (a resume inside epoch 1) gives what
+    the whole stream gives there, flips included (seeded per position), and 2 processes x 2 get the chunks one
+    process x 2 micro-batches gets. The caller's random generators are left as they were."""
+    ds = data.Shapes("train", size=16, length=5, flip=True)  # labels 0..4: one per image
+    whole = data.RunOrder(ds, seed=3, start=0, length=12, world_size=1, device_batch=2)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    items = [whole[p] for p in range(12)]
+    assert torch.equal(torch.get_rng_state(), before)
+    labels = [y for _, y in items]
+    assert sorted(labels[:5]) == sorted(labels[5:10]) == list(range(5)) and labels[:5] != labels[5:10]
+    resumed = data.RunOrder(ds, seed=3, start=6, length=6, world_size=1, device_batch=2)
+    assert all(torch.equal(resumed[p][0], items[6 + p][0]) and resumed[p][1] == items[6 + p][1] for p in range(6))
+    plain = data.Shapes("train", size=16, length=5)  # image y without flips
+    flipped = [torch.equal(x, plain[y][0].flip(-1)) for x, y in items]
+    assert any(flipped) and not all(flipped) and all(f or torch.equal(x, plain[y][0]) for f, (x, y) in zip(flipped, items))
+    two = data.RunOrder(ds, seed=3, start=0, length=12, world_size=2, device_batch=2)
+    for rank in range(2):
+        mine = list(range(rank, 12, 2))  # what a DistributedSampler without shuffle hands this rank
+        for k in range(3):
+            chunk = [two[i] for i in mine[2 * k:2 * k + 2]]
+            want = items[(2 * k + rank) * 2:(2 * k + rank) * 2 + 2]
+            assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(chunk, want))
+
+
+def test_batch_split():
     assert data.grad_accum_steps(256, 16, 8) == 2
     with pytest.raises(SystemExit, match="multiple"):
         data.grad_accum_steps(256, 24, 1)
     with pytest.raises(SystemExit, match="fewer than one batch"):
-        data.make_loader(ds, batch_size=32)
+        data.make_loader(data.Shapes("train", size=16, length=20), batch_size=32)
+    # --device-batch not given: the preset's size caps it, the global batch and the process count decide it
+    assert [data.derive_device_batch(b, w, cap) for b, w, cap in ((32, 2, 32), (32, 1, 32), (512, 8, 32), (30, 1, 32),
+                                                                   (8, 2, 8), (24, 2, 8))] == [16, 32, 32, 30, 4, 6]
+    with pytest.raises(SystemExit, match="does not split over 4 processes"):
+        data.derive_device_batch(6, 4, 8)
 
 
 def test_checkpoint_atomic_roundtrip_and_errors(tmp_path):
@@ -164,3 +193,47 @@ def test_cpu_capability_reads_cpuinfo(monkeypatch, tmp_path):
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(fake if p == "/proc/cpuinfo" else p, *a, **k))
         assert data.cpu_has_native_bf16() is native
     monkeypatch.setattr(builtins, "open", real_open)
+
+
+def test_failed_saves_leave_no_temporary_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "a.pt")
+    data.save_checkpoint({"model": {"w": torch.ones(2)}, "step": 1}, path)
+    real_save = torch.save
+
+    def failing(error):
+        def save(obj, f):
+            (open(f, "wb") if isinstance(f, str) else f).write(b"half a checkpoint")  # part of the file, then fail
+            raise error
+        return save
+    monkeypatch.setattr(torch, "save", failing(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(SystemExit) as e:
+        data.save_checkpoint({"model": {"w": torch.zeros(2)}, "step": 2}, path)
+    assert str(e.value).startswith(f"disk full while writing {path}") and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == ["a.pt"] and data.load_checkpoint(path)["step"] == 1
+    monkeypatch.setattr(torch, "save", failing(RuntimeError("a crash while saving")))
+    with pytest.raises(RuntimeError, match="a crash while saving"):
+        data.save_checkpoint({"model": {"w": torch.zeros(2)}, "step": 2}, path)
+    assert os.listdir(tmp_path) == ["a.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    # a temporary left by a killed process goes at the next save; one of a live process (pid 1) stays
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (dead.pid, 1):
+        (tmp_path / f"a.pt.tmp{pid}").write_bytes(b"x" * 100)
+    data.save_checkpoint({"model": {"w": torch.zeros(2)}, "step": 2}, path)
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "a.pt.tmp1"]
+    # NaN weights are never written: the file on disk stays the last good one
+    with pytest.raises(SystemExit, match="not saving .* 1 tensors hold NaN or inf .first model.w"):
+        data.save_checkpoint({"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 3}, path)
+    assert data.load_checkpoint(path)["step"] == 2
+
+
+def test_folder_edge_cases(tmp_path):
+    """A file passed as the folder, and a flat folder holding a symlink to itself (skipped and counted)."""
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat" / "a.png")
+    os.symlink("loop.png", tmp_path / "flat" / "loop.png")
+    ds = data.ImageFolder(str(tmp_path / "flat"), size=8)
+    assert len(ds) == 2 and [ds[i][0].shape for i in range(2)] == [(3, 8, 8)] * 2 and int(ds.skipped) == 1
+    with pytest.raises(SystemExit, match="is a file; pass a folder"):
+        data.ImageFolder(str(tmp_path / "flat" / "a.png"), size=8)

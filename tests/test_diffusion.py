@@ -3,12 +3,15 @@ import argparse
 import math
 import os
 import re
+import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run, torchrun
+from conftest import TINY_DIT_FLAGS, run, torchrun
+from PIL import Image
 
 import data
 import diffusion
@@ -281,10 +284,12 @@ def test_two_processes_match_one(tiny_ae_ckpt, tmp_path, cache):
     online (the full-size path) and from cached latents (each process encodes a share, all get all).
     EMA decay 0 makes the EMA equal to the model."""
     flags = ["diffusion.py", "--size", "tiny", "--ae", tiny_ae_ckpt, "--steps", "3", "--batch-size", "4",
-             "--device-batch", "2", "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--no-bf16",
-             "--no-flip", "--ema-decay", "0", "--cache-latents", cache]
-    one = losses(torchrun(1, *flags, "--out-dir", str(tmp_path / "one")))
-    two = losses(torchrun(2, *flags, "--out-dir", str(tmp_path / "two")))
+             "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--no-bf16", "--no-flip", "--ema-decay", "0",
+             "--cache-latents", cache]
+    one = losses(torchrun(1, *flags, "--device-batch", "2", "--out-dir", str(tmp_path / "one")))
+    log = torchrun(2, *flags, "--out-dir", str(tmp_path / "two"))  # --device-batch derived: 4 / 2 processes
+    assert "2 process(es) x 2 x 1 accumulation" in log
+    two = losses(log)
     assert sorted(one) == [1, 2, 3] and np.allclose([two[k] for k in one], list(one.values()), rtol=1e-5, atol=1e-5)
     a, b = load(tmp_path / "one" / "dit.pt"), load(tmp_path / "two" / "dit.pt")
     for name in a["model"]:
@@ -312,7 +317,7 @@ def test_clear_errors(tiny_ae_ckpt, tmp_path, monkeypatch):
         diffusion.load_frozen_ae(str(tmp_path / "nostats.pt"), "cpu")
     # a checkpoint of another size cannot be resumed
     os.makedirs(tmp_path / "dit")
-    torch.save({"config": dict(SMALL), "ae": {"path": "x"}}, tmp_path / "dit" / "dit.pt")
+    torch.save({"config": dict(SMALL), "ae": {"path": "x"}, "opt": {}, "step": 1}, tmp_path / "dit" / "dit.pt")
     monkeypatch.setattr("sys.argv", ["diffusion.py", "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path / "dit"), "--resume"])
     with pytest.raises(SystemExit, match="pass the same --size"):
         diffusion.main()
@@ -402,3 +407,102 @@ def test_rae_and_jit_options_through_the_cli(tiny_ae_ckpt, tmp_path):
     log = run("sample.py", "--ckpt", str(tmp_path / "dit.pt"), "--steps", "2", "--per-class", "1", "--out",
               str(tmp_path / "grid.png"))
     assert f"shift {math.sqrt(4096 / (16 * 392))}" in log and os.path.isfile(tmp_path / "grid.png")
+
+
+# -----------------------------------------------------------------------------
+# losing work, silent wrong results (issue 10): in-process main(), a few steps each
+
+
+def main_run(monkeypatch, capsys, *argv):
+    monkeypatch.setattr(sys, "argv", ["diffusion.py", *argv])
+    diffusion.main()
+    return capsys.readouterr().out
+
+
+def main_error(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["diffusion.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        diffusion.main()
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) > 20, msg
+    return msg
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--steps", "0"], "--steps must be at least 1"), (["--steps", "-5"], "--steps must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"), (["--device-batch", "0"], "--device-batch must be"),
+    (["--ckpt-every", "0"], "--ckpt-every must be"), (["--log-every", "0"], "--log-every must be"),
+    (["--lr", "0"], "--lr must be positive"), (["--lr=-1e-4"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be a finite"), (["--lr", "inf"], "--lr must be a finite"),
+    (["--ema-decay", "1.5"], "--ema-decay must be at most 1"),
+    (["--out-dir", "/proc/svg_run"], "--out-dir '/proc/svg_run' cannot be created"),
+    (["--out-dir", "{file}/run"], "cannot be created"), (["--data", "{file}"], "is a file; pass a folder"),
+    (["--convert-official", "x.pt", "--out", "{tmp}"], "--out '{tmp}' is a folder")])
+def test_bad_flags_are_one_line_before_any_work(monkeypatch, tmp_path, tiny_ae_ckpt, argv, expected):
+    (tmp_path / "file").write_text("not a folder")
+    fill = dict(file=str(tmp_path / "file"), tmp=str(tmp_path))
+    argv = [a.format(**fill) for a in argv]
+    base = ["--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path / "out"), "--steps", "2", "--batch-size", "2",
+            "--cache-latents", "0", "--sample-every", "0", "--num-workers", "0"]  # a short valid run, but for argv
+    msg = main_error(monkeypatch, *base, *argv)
+    assert expected.format(**fill) in msg, msg
+
+
+def test_divergence_stops_and_a_new_run_never_replaces_a_checkpoint(tiny_ae_ckpt, tiny_dit_ckpt, tmp_path, monkeypatch):
+    """--lr 1e30: the loss turns non-finite within a few steps. The run stops in one line naming the step and the
+    loss, before its optimizer step, and the good checkpoint on disk stays as it was; a new run into an out-dir
+    holding a checkpoint stops unless --overwrite."""
+    shutil.copy(tiny_dit_ckpt, tmp_path / "dit.pt")
+    good = (tmp_path / "dit.pt").read_bytes()
+    flags = [*TINY_DIT_FLAGS, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path), "--sample-every", "0"]
+    msg = main_error(monkeypatch, *flags)
+    assert "already holds a checkpoint" in msg and all(f in msg for f in ("--resume", "--out-dir", "--overwrite"))
+    msg = main_error(monkeypatch, *flags, "--overwrite", "--lr", "1e30", "--steps", "20", "--ckpt-every", "20")
+    assert re.match(r"step \d+: non-finite training values \(loss (nan|inf), grad norm \S+\); stopped before the "
+                    r"optimizer step, .*dit.pt keeps the last good checkpoint", msg), msg
+    assert (tmp_path / "dit.pt").read_bytes() == good and os.listdir(tmp_path) == ["dit.pt"]
+
+
+def test_lr_flag_applies_on_resume(tiny_ae_ckpt, tiny_dit_ckpt, tmp_path, monkeypatch, capsys):
+    shutil.copy(tiny_dit_ckpt, tmp_path / "dit.pt")
+    assert load(tmp_path / "dit.pt")["opt"]["param_groups"][0]["lr"] == 1e-4
+    log = main_run(monkeypatch, capsys, *TINY_DIT_FLAGS, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path),
+                   "--sample-every", "0", "--resume", "--steps", "5", "--lr", "3e-4")
+    assert "step 5 | loss" in log and "lr 3.00e-04" in log
+    assert load(tmp_path / "dit.pt")["opt"]["param_groups"][0]["lr"] == 3e-4
+    assert "--resume: " in main_error(monkeypatch, *TINY_DIT_FLAGS, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path),
+                                      "--resume", "--steps", "5")  # already at step 5: nothing to do is an error
+
+
+def test_resume_across_an_epoch_boundary_is_exact(tiny_ae_ckpt, tmp_path, monkeypatch, capsys):
+    """Plain python, 5 images, global batch 4 as 2 micro-batches: step 2 crosses into epoch 1 and step 3 into
+    epoch 2. Stopping at step 2 and resuming gives the uninterrupted run's weights bit for bit (flips on)."""
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "data")
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
+    flags = ["--ae", tiny_ae_ckpt, "--data", str(tmp_path / "data"), "--batch-size", "4", "--device-batch", "2",
+             "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--ema-decay", "0.9", "--cache-latents", "0"]
+    whole = losses(main_run(monkeypatch, capsys, *flags, "--steps", "3", "--out-dir", str(tmp_path / "whole")))
+    first = losses(main_run(monkeypatch, capsys, *flags, "--steps", "2", "--out-dir", str(tmp_path / "cut")))
+    second = losses(main_run(monkeypatch, capsys, *flags, "--steps", "3", "--out-dir", str(tmp_path / "cut"), "--resume"))
+    assert {**first, **second} == whole and sorted(whole) == [1, 2, 3]
+    a, b = load(tmp_path / "whole" / "dit.pt"), load(tmp_path / "cut" / "dit.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_training_images_are_encoded_in_fp32(tiny_ae_ckpt, tmp_path, monkeypatch, capsys):
+    """Even with --bf16 (the DiT under autocast) the frozen AE encodes the training images online outside autocast
+    (issue 10, item 12; --cache-latents encodes in fp32 too)."""
+    import ae
+    calls, encode = [], ae.SVGAutoencoder.encode
+
+    def spy(self, images):
+        calls.append(torch.is_autocast_enabled("cpu"))
+        return encode(self, images)
+    monkeypatch.setattr(ae.SVGAutoencoder, "encode", spy)
+    main_run(monkeypatch, capsys, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path), "--bf16", "--steps", "1",
+             "--batch-size", "1", "--device-batch", "1", "--sample-every", "0", "--num-workers", "0",
+             "--cache-latents", "0")
+    assert calls == [False]

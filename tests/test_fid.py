@@ -2,6 +2,7 @@
 --no-deps by tests/run.sh; the file is read with torch.jit.load, the package is never imported)."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -198,3 +199,17 @@ def test_ae_reconstruction_metrics(tiny_ae_ckpt):
     values = dict(zip(line.split()[0:6:2], map(float, line.split()[1:6:2])))
     assert values["rFID"] > 0 and 3 < values["PSNR"] < 60 and -1 < values["SSIM"] <= 1, line
     assert "LPIPS" in line
+    assert "fid: 6 held-out images of shapes to reconstruct and score" in out  # the plan, then a measured estimate
+    assert re.search(r"fid: the first batch took [\d.]+ s: about [\d.]+ min for 6 images per process", out)
+
+
+def test_different_resolutions_are_named_and_warned(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "a.npz", arr_0=shapes_uint8("train", 4, size=32))
+    np.savez(tmp_path / "b.npz", arr_0=shapes_uint8("val", 4, size=48))
+    # the warning comes before the Inception work: a missing weight file then ends the run cheaply
+    monkeypatch.setattr(sys, "argv", ["fid.py", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception",
+                                      str(tmp_path / "none.pth")])
+    with pytest.raises(SystemExit, match="not found"):
+        fid.main()
+    assert "fid: warning: A is 32x32 and B is 48x48" in capsys.readouterr().out
+    assert "images 32x32" in fid.open_source(str(tmp_path / "a.npz"))["info"]  # the report prints each resolution

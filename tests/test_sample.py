@@ -220,6 +220,13 @@ def test_clear_errors_without_checkpoints(monkeypatch, tmp_path):
     assert "not found" in main_fails(monkeypatch, "--ckpt", str(tmp_path / "missing.pt"))
     assert "--cfg-interval" in main_fails(monkeypatch, "--cfg-interval", "0.8", "0.2")
     assert "pass --out NAME.npz" in main_fails(monkeypatch, "--num", "4", "--out", "grid.png")
+    # a NaN/inf guidance scale would give black images; a bad output path fails before the sampling, not after
+    for value in ("nan", "inf"):
+        assert "--cfg must be a finite number" in main_fails(monkeypatch, "--cfg", value)
+    (tmp_path / "file").write_text("not a folder")
+    assert "is a folder" in main_fails(monkeypatch, "--out", str(tmp_path))
+    assert "must end in" in main_fails(monkeypatch, "--out", str(tmp_path / "grid"))
+    assert "cannot be created" in main_fails(monkeypatch, "--out", str(tmp_path / "file" / "grid.png"))
 
 
 def test_clear_errors_with_checkpoints(monkeypatch, tiny_dit_ckpt, tiny_ae_ckpt, tmp_path):
