@@ -182,14 +182,51 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert "--ckpt takes exactly one source" in fails("--ckpt", "dit.pt", "--num", "4")
 
 
-def test_ckpt_generation_two_processes_equal_one(tiny_dit_ckpt, tmp_path):
-    """--ckpt generates with sample.py's sampler and scores; 2 torchrun processes give the same features as 1."""
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """fid.py's class-accuracy CNN for 64 px built-in images, trained quickly (fid.py's default uses more images
+    and epochs) and cached in a file as fid.py caches it."""
+    path = str(tmp_path_factory.mktemp("classifier") / "shapes_classifier_64px.pt")
+    fid.load_shapes_classifier(path, 64, train_images=4000, epochs=4, batch_size=32, val_images=500)
+    return path
+
+
+def test_class_accuracy_classifier(classifier):
+    net = fid.load_shapes_classifier(classifier, 64)
+    held_out = torch.load(classifier, weights_only=True)["val_accuracy"]
+    assert held_out >= 0.85, held_out  # chance is 0.1
+    labels = np.arange(500, 600) % 10  # val images the held-out number above did not use
+    assert np.mean(fid.classify(net, shapes_uint8("val", 100, offset=500)) == labels) >= 0.8
+    colours = np.random.default_rng(0).integers(0, 256, (100, 1, 1, 3), dtype=np.uint8)
+    constant = np.broadcast_to(colours, (100, 64, 64, 3)).copy()  # one colour an image: no shape, so no class
+    assert np.mean(fid.classify(net, constant) == labels) <= 0.2
+    with pytest.raises(SystemExit, match="is for 64px images, these are 32px"):
+        fid.load_shapes_classifier(classifier, 32)
+
+
+def test_class_accuracy_of_sample_npz(tiny_dit_ckpt, classifier, tmp_path):
+    """sample.py's .npz of a DiT trained on the built-in data gets a class accuracy (here: held-out built-in
+    images in place of samples, so it must be high; with the labels shifted by one class, low)."""
+    images, labels = shapes_uint8("val", 20, offset=600), np.arange(600, 620) % 10
+    np.savez(tmp_path / "s.npz", arr_0=images, labels=labels, steps=5, solver="euler", shift=0.15, cfg=1.0,
+             interval=np.array([0.0, 1.0]), ckpt=tiny_dit_ckpt, seed=0, ema=True)
+    out = run("fid.py", str(tmp_path / "s.npz"), "--inception", WEIGHTS, "--classifier", classifier)
+    line = next(ln for ln in out.splitlines() if ln.startswith("class accuracy "))
+    assert float(line.split()[2].rstrip("%")) >= 70 and "of 20 samples (chance 10%" in line, line
+    assert np.mean(fid.classify(fid.load_shapes_classifier(classifier, 64), images) == (labels + 1) % 10) <= 0.2
+
+
+def test_ckpt_generation_two_processes_equal_one(tiny_dit_ckpt, classifier, tmp_path):
+    """--ckpt generates with sample.py's sampler and scores; 2 torchrun processes give the same features as 1,
+    and the same class accuracy (the DiT was trained on the built-in data)."""
     flags = ("fid.py", "--ckpt", tiny_dit_ckpt, "--num-samples", "6", "--steps", "2", "--batch-size", "2", "shapes",
-             "--inception", WEIGHTS)
+             "--inception", WEIGHTS, "--classifier", classifier)
     one = run(*flags, "--save-stats", str(tmp_path / "one.npz"))
     two = torchrun(2, *flags, "--save-stats", str(tmp_path / "two.npz"))
     assert "6 samples of" in one and "2 euler steps" in one and "built-in data, val split: 6 images 64x64" in one
     assert [ln for ln in one.splitlines() if ln.startswith("FID ")] and "FID " in two
+    accuracy = [[ln for ln in out.splitlines() if ln.startswith("class accuracy ")] for out in (one, two)]
+    assert accuracy[0] and accuracy[0] == accuracy[1] and "of 6 samples" in accuracy[0][0]
     np.testing.assert_allclose(np.load(tmp_path / "one.npz")["pool"], np.load(tmp_path / "two.npz")["pool"], atol=1e-4)
 
 
