@@ -12,6 +12,7 @@ official weights:        python diffusion.py --convert-official V1-SVG-XL-7000K-
 """
 import argparse
 import copy
+import itertools
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import bench
 import data
 
 # DiT's sizes (depth, width, heads); tiny is ours, as wide as the 392-d token (RAE: narrower cannot fit)
@@ -50,8 +52,6 @@ PRESETS = {
 # hidden_size [384 | 1152, 2048], depth [12 | 28, 2], num_heads [6 | 16, 16]); tiny's is ours, ~2x its 392-d token
 DH_HEADS = {"tiny": dict(head_depth=2, head_width=768), "full": dict(head_depth=2, head_width=2048)}
 DH_HEAD_DIM = 128  # RAE's 2048 / 16 heads; --head-width W gets W / 128 heads
-PEAK_TFLOPS = {"H100": (989.0, 494.7), "H200": (989.0, 494.7), "A100": (312.0, 156.0)}  # dense (bf16, tf32)
-CPU_TFLOPS_PER_CORE = 0.1  # ~3 GHz x 32 fp32 FLOPs/cycle (AVX2/AVX-512 FMA): a rough figure, use --peak-tflops
 PREVIEW_STEPS, PREVIEW_CFG = 25, 4.0  # official sampling steps; w=4 for pictures (SPEC 3)
 SAMPLE_SHIFT = 0.15  # official sampling shift (SPEC 3), denser near noise than training's 0.4
 
@@ -434,14 +434,67 @@ def ae_info(ae, path):
                 grid=int(ae.image_size // ae.patch_size), image_size=int(ae.image_size))
 
 
-def default_peak_tflops(device, bf16):
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (peak_bf16, peak_tf32) in PEAK_TFLOPS.items():
-            if key in name:
-                return peak_bf16 if bf16 else peak_tf32
-        return 100.0
-    return CPU_TFLOPS_PER_CORE * (os.cpu_count() or 1)
+def latent_batches(stream, ae, device, bf16):
+    """Micro-batches (x1 tokens (b, T, C), labels (b,)) from the data stream: images encoded online by the frozen AE
+    as the official code does, or (ae None) tokens that encode_dataset cached."""
+    for _, batch, labels in stream:
+        batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if ae is None:
+            yield batch, labels  # (b, T, C), encoded and standardised once by encode_dataset
+            continue
+        with torch.no_grad(), data.autocast(device, bf16):
+            z = ae.encode(batch)  # (b, C, grid, grid)
+        yield to_tokens(ae.standardize(z.float())), labels  # (b, T, C), per-channel standardised (SPEC 1)
+
+
+def build(config, args, device):
+    """The model, its EMA (a frozen copy, DiT's) and AdamW (fused on CUDA)."""
+    raw = DiT(**config).to(device)
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    return raw, ema, opt
+
+
+def wrap(raw, compile, run):
+    """torch.compile before the DDP wrap; raw stays the module for state dicts, EMA and sampling (no _orig_mod. keys)."""
+    model = torch.compile(raw) if compile else raw
+    if run["ddp"]:
+        model = DDP(model, device_ids=[run["local_rank"]] if run["device"].type == "cuda" else None)
+    return model
+
+
+def train_step(model, raw, ema, opt, batches, step, args, run):
+    """One optimizer step over the micro-batches (x1, labels) that `batches` yields, gradient sync on the last only,
+    then the EMA. The training loop and --benchmark both call this. Returns the step's mean loss on this process."""
+    device, world, rank = run["device"], run["world_size"], run["rank"]
+    accum = args.batch_size // (args.device_batch * world)
+    (T, C), num_classes = (raw.config["grid"] ** 2, raw.config["in_channels"]), raw.config["num_classes"]
+    shift = resolve_shift(args.shift, raw.config)  # args keep 'auto' for the record
+    # noise, times and label drops of the whole global batch from (seed, step): the same numbers on
+    # 1 or N processes and after a resume; each process takes the rows of its samples in the
+    # DistributedSampler's interleaved order (sample j of micro-step m on rank r is global row (m*b+j)*world+r)
+    g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+    x0_all = torch.randn(args.batch_size, T, C, generator=g, device=device)
+    u_all = draw_u(args.batch_size, args.time_dist, g, device)
+    drop_all = torch.rand(args.batch_size, generator=g, device=device) < raw.config["class_dropout"]
+    mean_loss = torch.zeros((), device=device)
+    for m in range(accum):
+        x1, labels = next(batches)
+        rows = (torch.arange(len(labels), device=device) + m * args.device_batch) * world + rank
+        y = torch.where(drop_all[rows], num_classes, labels)  # label dropout -> null class
+        sync = model.no_sync() if run["ddp"] and m < accum - 1 else nullcontext()  # all-reduce once per step
+        with sync:
+            with data.autocast(device, args.bf16):
+                loss = flow_loss(model, x1, y, shift, x0=x0_all[rows], u=u_all[rows], pred=raw.config["pred"])
+            (loss / accum).backward()
+        mean_loss += loss.detach() / accum
+    if args.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    update_ema(ema, raw, args.ema_decay)
+    return mean_loss
 
 
 @torch.no_grad()
@@ -544,7 +597,7 @@ def parse_args():
     p.add_argument("--log-every", type=int, default=None, help="steps between log lines")
     p.add_argument("--sample-every", type=int, default=None, help="steps between EMA preview grids (0: never)")
     p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100/A100 table, CPU guess)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: the datasheet of H100/H200/A100, else a measured matmul)")
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/dit.pt (model, EMA, optimizer, step)")
     p.add_argument("--convert-official", default=None, metavar="OFFICIAL.pt", help="convert the authors' DiT, then exit")
     p.add_argument("--out", default=None, help="output path of --convert-official")
@@ -562,7 +615,7 @@ def main():
             setattr(args, key, value)
     head = head_config(args)
     run = data.setup(args.seed)
-    device, world, rank = run["device"], run["world_size"], run["rank"]
+    device, world = run["device"], run["world_size"]
     args.bf16, why = data.choose_bf16(args.bf16, device)
     data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {device} ({why})")
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
@@ -576,17 +629,13 @@ def main():
                   class_dropout=args.class_dropout, mlp_ratio=4.0, pred=args.pred, **SIZES[args.size], **head)
     if args.sample_shift is None:
         args.sample_shift = "auto" if args.shift == "auto" else SAMPLE_SHIFT
-    shift = resolve_shift(args.shift, config)  # the number; args keep 'auto' for the record
     ckpt_path = os.path.join(args.out_dir, "dit.pt")
     ckpt = data.load_checkpoint(ckpt_path, "checkpoint to resume") if args.resume else None
     if ckpt is not None:
         if ckpt["config"] != config:
             raise SystemExit(f"--resume: {ckpt_path} has config {ckpt['config']}, these flags and AE give {config}: "
                              f"pass the same --size, --head, --data and --ae (it was trained on {ckpt['ae']['path']})")
-    raw = DiT(**config).to(device)
-    ema = copy.deepcopy(raw).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    raw, ema, opt = build(config, args, device)
     step = 0
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
@@ -594,9 +643,7 @@ def main():
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
         del ckpt
-    model = torch.compile(raw) if args.compile else raw  # compile before DDP; raw keeps clean state-dict keys
-    if run["ddp"]:
-        model = DDP(model, device_ids=[run["local_rank"]] if device.type == "cuda" else None)
+    model = wrap(raw, args.compile, run)
     if args.cache_latents:
         dataset = encode_dataset(ae, dataset, args.cache_latents, args.device_batch, device, run)
     loader = data.make_loader(dataset, args.device_batch, seed=args.seed,
@@ -605,46 +652,18 @@ def main():
     stream = data.batches(loader, start_epoch=micro // len(loader))
     for _ in range(micro % len(loader)):
         next(stream)
+    batches = latent_batches(stream, None if args.cache_latents else ae, device, args.bf16)
 
     macs = forward_macs(config)
-    peak = args.peak_tflops or default_peak_tflops(device, args.bf16)
+    peak = args.peak_tflops or bench.peak_tflops(device, args.bf16)[0]
     data.print0(f"config: {vars(args)}\nmodel {args.size}: {config}, {sum(p.numel() for p in raw.parameters()):,} "
                 f"parameters, {macs / 1e9:.2f} GMACs/image forward; {world} process(es) x {args.device_batch} x {accum} "
-                f"accumulation = {args.batch_size}; peak {peak:.1f} TFLOPs for MFU")
+                f"accumulation = {args.batch_size}; peak {peak:.3g} TFLOPs for MFU")
     os.makedirs(args.out_dir, exist_ok=True)
-    T, C = config["grid"] ** 2, config["in_channels"]
     raw.train()
     t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
     while step < args.steps:
-        # noise, times and label drops of the whole global batch from (seed, step): the same numbers on
-        # 1 or N processes and after a resume; each process takes the rows of its samples in the
-        # DistributedSampler's interleaved order (sample j of micro-step m on rank r is global row (m*b+j)*world+r)
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
-        x0_all = torch.randn(args.batch_size, T, C, generator=g, device=device)
-        u_all = draw_u(args.batch_size, args.time_dist, g, device)
-        drop_all = torch.rand(args.batch_size, generator=g, device=device) < config["class_dropout"]
-        for m in range(accum):
-            _, batch, labels = next(stream)
-            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if args.cache_latents:
-                x1 = batch  # (b, T, C), encoded and standardised once by encode_dataset
-            else:
-                with torch.no_grad(), data.autocast(device, args.bf16):
-                    z = ae.encode(batch)  # (b, C, grid, grid), frozen AE, online as the official code
-                x1 = to_tokens(ae.standardize(z.float()))  # (b, T, C), per-channel standardised (SPEC 1)
-            rows = (torch.arange(len(labels), device=device) + m * args.device_batch) * world + rank
-            y = torch.where(drop_all[rows], config["num_classes"], labels)  # label dropout -> null class
-            sync = model.no_sync() if run["ddp"] and m < accum - 1 else nullcontext()  # all-reduce once per step
-            with sync:
-                with data.autocast(device, args.bf16):
-                    loss = flow_loss(model, x1, y, shift, x0=x0_all[rows], u=u_all[rows], pred=config["pred"])
-                (loss / accum).backward()
-            loss_log += loss.detach() / accum
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, raw, args.ema_decay)
+        loss_log += train_step(model, raw, ema, opt, batches, step, args, run)
         step += 1
 
         if step % args.log_every == 0 or step == args.steps:
