@@ -488,6 +488,84 @@ def convert_official(ckpt_path, stats_path, out_path, encoder="vit_small_plus_pa
 # training
 
 
+def build(config, args, ctx, encoder_weights, lpips_weights, ckpt=None):
+    """The nets of a run as a dict: raw (the autoencoder), ae (compiled before the DDP wrap), disc_raw / disc, their
+    Adam optimizers opt / opt_d, and lpips (None for L1 only); restored from ckpt when given."""
+    device = ctx["device"]
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (random encoder and LPIPS trunk included)
+    raw = SVGAutoencoder(config, encoder_weights).to(device)
+    disc_raw = PatchGAN().to(device)
+    if raw.residual and config["mask_ratio"] == 0:
+        raw.mask_token.requires_grad_(False)  # unused: DDP must not wait for its gradient
+    params = [p for p in raw.parameters() if p.requires_grad]  # residual ViT, mask token, decoder (not the encoder)
+    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9))  # SPEC 1: Adam (0.5, 0.9), no weight decay
+    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    if ckpt:
+        for m, k in ((raw, "model"), (disc_raw, "disc"), (opt, "opt"), (opt_d, "opt_disc")):
+            m.load_state_dict(ckpt[k])
+    lpips_net = build_lpips(lpips_weights).to(device) if args.perceptual_weight > 0 else None  # None: L1 only
+    model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
+    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
+        m, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None) if ctx["ddp"] else m
+    return dict(raw=raw, ae=ddp(model), disc_raw=disc_raw, disc=ddp(disc_raw), opt=opt, opt_d=opt_d, lpips=lpips_net)
+
+
+def train_step(nets, batches, step, args, ctx):
+    """One AE optimizer step over the micro-batches (images, labels) that `batches` yields, then one discriminator
+    step once the GAN is on (SPEC 1). The training loop and --benchmark both call this. Returns the step's log."""
+    raw, ae, disc_raw, disc, lpips_net = (nets[k] for k in ("raw", "ae", "disc_raw", "disc", "lpips"))
+    device, world = ctx["device"], ctx["world_size"]
+    accum = args.batch_size // (args.device_batch * world)
+    autocast = lambda: data.autocast(device, args.bf16)  # noqa: E731
+    last = raw.decoder.conv_out.weight  # the adaptive GAN weight balances gradients at this layer (SPEC 1)
+    gan = step >= args.disc_start
+    disc_raw.requires_grad_(False)
+    log, pairs = dict(l1=0.0, lpips=0.0, g=0.0, w=0.0, d=0.0, psnr=0.0), []
+    for micro in range(accum):
+        # randomness (dropout, residual mask, decoder noise) is a function of (seed, step, chunk of the global
+        # batch): a resumed run, and 1 or N processes, draw the same numbers for the same images
+        torch.manual_seed(args.seed + 1_000_003 * step + micro * world + ctx["rank"])
+        x = next(batches)[0].to(device)
+        with ae.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():  # sync on the last micro-step
+            with autocast():
+                y = ae(x)
+                l1 = (y.float() - x).abs()  # (B, 3, H, W)
+                p_loss = lpips_net(y, x).float() if lpips_net else torch.zeros(len(x), 1, 1, 1, device=device)
+                rec = (l1 + args.perceptual_weight * p_loss).sum((1, 2, 3)).mean()  # summed over pixels (SPEC 1)
+                loss = rec
+                if gan:
+                    g = -disc_raw(y).float().mean()
+                    gr, gg = (torch.autograd.grad(t, last, retain_graph=True)[0] for t in (rec, g))
+                    w = (gr.norm() / (gg.norm() + 1e-4)).clamp(0, 1e4).detach() * DISC_WEIGHT
+                    loss = rec + w * g
+                    log["g"] += g.item() / accum
+                    log["w"] += w.item() / accum
+            (loss / accum).backward()
+        pairs.append((x, y.detach()))
+        log["l1"] += l1.mean().item() / accum
+        log["lpips"] += p_loss.mean().item() / accum
+        log["psnr"] += psnr(y.detach().float(), x).mean().item() / accum
+    nets["opt"].step()
+    nets["opt"].zero_grad(set_to_none=True)
+    if raw.batch_stats_log:  # running alignment statistics: mean over all micro-batches of all ranks
+        s = torch.stack(raw.batch_stats_log).mean(0) / world
+        raw.batch_stats_log.clear()
+        if ctx["ddp"]:
+            torch.distributed.all_reduce(s)
+        raw.update_align_stats(s)
+    if gan:  # discriminator: one hinge step on the same images after the AE step (SPEC 1)
+        disc_raw.requires_grad_(True)
+        for micro, (x, y) in enumerate(pairs):
+            with disc.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():
+                with autocast():
+                    d = 0.5 * (F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(y).float()).mean())
+                (d / accum).backward()
+            log["d"] += d.item() / accum
+        nets["opt_d"].step()
+        nets["opt_d"].zero_grad(set_to_none=True)
+    return log
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Train (or convert, or measure) the SVG autoencoder.")
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size and run preset")
@@ -570,34 +648,18 @@ def main():
         group_channels=GROUP_CHANNELS)
     train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
     val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (random encoder and LPIPS trunk included)
-    raw = SVGAutoencoder(config, None if ckpt else args.encoder_weights).to(device)
-    disc_raw = PatchGAN().to(device)
-    if raw.residual and config["mask_ratio"] == 0:
-        raw.mask_token.requires_grad_(False)  # unused: DDP must not wait for its gradient
-    params = [p for p in raw.parameters() if p.requires_grad]  # residual ViT, mask token, decoder (not the encoder)
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9))  # SPEC 1: Adam (0.5, 0.9), no weight decay
-    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    start, history = 0, []
+    nets = build(config, args, ctx, None if ckpt else args.encoder_weights, args.lpips_weights, ckpt)
+    raw, disc_raw, opt, opt_d, lpips_net = (nets[k] for k in ("raw", "disc_raw", "opt", "opt_d", "lpips"))
+    start, history = (ckpt["step"], ckpt["history"]) if ckpt else (0, [])
     if ckpt:
-        for m, k in ((raw, "model"), (disc_raw, "disc"), (opt, "opt"), (opt_d, "opt_disc")):
-            m.load_state_dict(ckpt[k])
-        start, history = ckpt["step"], ckpt["history"]
         data.print0(f"resumed from step {start} of {path}")
-    lpips_net = build_lpips(args.lpips_weights).to(device) if args.perceptual_weight > 0 else None  # None: L1 only
-    model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
-    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
-        m, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None) if ctx["ddp"] else m
-    ae, disc = ddp(model), ddp(disc_raw)
-    data.print0(f"config {config}\nrun {vars(args)}\ntrainable {sum(p.numel() for p in params):,} params, encoder "
+    data.print0(f"config {config}\nrun {vars(args)}\ntrainable {sum(p.numel() for p in raw.parameters() if p.requires_grad):,} params, encoder "
                 f"{sum(p.numel() for p in raw.encoder.parameters()):,} frozen, latent {raw.latent_channels} x "
                 f"{args.image_size // 16}^2, {world} process(es) x {args.device_batch} x {accum} accumulation on {device}")
 
     val_images = torch.stack([val_set[i][0] for i in range(min(args.eval_images, len(val_set)))]).to(device)
     stream = RunOrder(train_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world, args.device_batch)
     loader = iter(data.make_loader(stream, args.device_batch, shuffle=False, seed=args.seed, num_workers=args.num_workers))
-    autocast = lambda: data.autocast(device, args.bf16)  # noqa: E731
-    last = raw.decoder.conv_out.weight  # the adaptive GAN weight balances gradients at this layer (SPEC 1)
 
     def checkpoint(step):
         data.save_checkpoint({"model": raw.state_dict(), "disc": disc_raw.state_dict(), "opt": opt.state_dict(),
@@ -623,51 +685,7 @@ def main():
             te = time.time()
             eval_and_samples(step)
             t0 += time.time() - te  # images/s counts training only
-        gan = step >= args.disc_start
-        disc_raw.requires_grad_(False)
-        log, pairs = dict(l1=0.0, lpips=0.0, g=0.0, w=0.0, d=0.0, psnr=0.0), []
-        for micro in range(accum):
-            # randomness (dropout, residual mask, decoder noise) is a function of (seed, step, chunk of the global
-            # batch): a resumed run, and 1 or N processes, draw the same numbers for the same images
-            torch.manual_seed(args.seed + 1_000_003 * step + micro * world + ctx["rank"])
-            x = next(loader)[0].to(device)
-            with ae.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():  # sync on the last micro-step
-                with autocast():
-                    y = ae(x)
-                    l1 = (y.float() - x).abs()  # (B, 3, H, W)
-                    p_loss = lpips_net(y, x).float() if lpips_net else torch.zeros(len(x), 1, 1, 1, device=device)
-                    rec = (l1 + args.perceptual_weight * p_loss).sum((1, 2, 3)).mean()  # summed over pixels (SPEC 1)
-                    loss = rec
-                    if gan:
-                        g = -disc_raw(y).float().mean()
-                        gr, gg = (torch.autograd.grad(t, last, retain_graph=True)[0] for t in (rec, g))
-                        w = (gr.norm() / (gg.norm() + 1e-4)).clamp(0, 1e4).detach() * DISC_WEIGHT
-                        loss = rec + w * g
-                        log["g"] += g.item() / accum
-                        log["w"] += w.item() / accum
-                (loss / accum).backward()
-            pairs.append((x, y.detach()))
-            log["l1"] += l1.mean().item() / accum
-            log["lpips"] += p_loss.mean().item() / accum
-            log["psnr"] += psnr(y.detach().float(), x).mean().item() / accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if raw.batch_stats_log:  # running alignment statistics: mean over all micro-batches of all ranks
-            s = torch.stack(raw.batch_stats_log).mean(0) / world
-            raw.batch_stats_log.clear()
-            if ctx["ddp"]:
-                torch.distributed.all_reduce(s)
-            raw.update_align_stats(s)
-        if gan:  # discriminator: one hinge step on the same images after the AE step (SPEC 1)
-            disc_raw.requires_grad_(True)
-            for micro, (x, y) in enumerate(pairs):
-                with disc.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():
-                    with autocast():
-                        d = 0.5 * (F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(y).float()).mean())
-                    (d / accum).backward()
-                log["d"] += d.item() / accum
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+        log = train_step(nets, loader, step, args, ctx)
         done += 1
         if master and ((step + 1) % args.log_every == 0 or step == start):
             dt, t0 = time.time() - t0, time.time()
