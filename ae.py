@@ -13,6 +13,7 @@ distribution aligner and the LDM convolutional decoder, trained with L1 + LPIPS 
 Later stages import: load_autoencoder(path) -> model with encode / decode / standardize / unstandardize.
 """
 import argparse
+import itertools
 import math
 import os
 import pickle
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import bench
 import data
 
 # model sizes; a preset may also set the run's batch, steps and cadences (explicit flags override)
@@ -488,6 +490,15 @@ def convert_official(ckpt_path, stats_path, out_path, encoder="vit_small_plus_pa
 # training
 
 
+def model_config(args):
+    """The autoencoder's config from the flags and the size preset (it travels in the checkpoint)."""
+    size = SIZES[args.size]
+    return dict(encoder=args.encoder, image_size=args.image_size, residual=not args.no_residual, depth=size["depth"],
+                width=size["width"], num_heads=size["num_heads"], dropout=args.dropout, mask_ratio=args.mask_ratio,
+                ch=size["ch"], ch_mult=size["ch_mult"], num_res_blocks=size["num_res_blocks"],
+                batch_stats=args.batch_stats, decoder_noise=args.decoder_noise, group_channels=GROUP_CHANNELS)
+
+
 def build(config, args, ctx, encoder_weights, lpips_weights, ckpt=None):
     """The nets of a run as a dict: raw (the autoencoder), ae (compiled before the DDP wrap), disc_raw / disc, their
     Adam optimizers opt / opt_d, and lpips (None for L1 only); restored from ckpt when given."""
@@ -498,8 +509,9 @@ def build(config, args, ctx, encoder_weights, lpips_weights, ckpt=None):
     if raw.residual and config["mask_ratio"] == 0:
         raw.mask_token.requires_grad_(False)  # unused: DDP must not wait for its gradient
     params = [p for p in raw.parameters() if p.requires_grad]  # residual ViT, mask token, decoder (not the encoder)
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9))  # SPEC 1: Adam (0.5, 0.9), no weight decay
-    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    fused = device.type == "cuda"  # one kernel per step instead of one per parameter tensor
+    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9), fused=fused)  # SPEC 1: Adam (0.5, 0.9), no weight decay
+    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
     if ckpt:
         for m, k in ((raw, "model"), (disc_raw, "disc"), (opt, "opt"), (opt_d, "opt_disc")):
             m.load_state_dict(ckpt[k])
@@ -566,6 +578,60 @@ def train_step(nets, batches, step, args, ctx):
     return log
 
 
+def benchmark(args, ctx):
+    """--benchmark: train_step with the GAN on, on synthetic images, in every mode this machine runs, then encode and
+    decode. Encoder and LPIPS trunk get random weights (speed does not depend on them; no download needed)."""
+    device, world = ctx["device"], ctx["world_size"]
+    if min(args.bench_steps, args.device_batch) < 1 or args.bench_warmup < 0:
+        raise SystemExit("--benchmark needs --bench-steps >= 1, --bench-warmup >= 0 and --device-batch >= 1")
+    args.batch_size = args.batch_size or args.device_batch * world
+    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+    config, args.disc_start = model_config(args), 0  # the GAN is on in every step, as in most of a run
+    images = torch.rand(args.device_batch, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    batches = itertools.repeat((images, None))  # one synthetic micro-batch, every time: no loader
+    modes, note = bench.modes(args.bf16, args.compile, device)
+    rows, peaks, flops, inference = [], {}, None, []
+    for bf16, args.compile in modes:
+        args.bf16 = bf16
+        nets = build(config, args, ctx, None, "random")
+        raw, N, D = nets["raw"], (args.image_size // 16) ** 2, config["width"]
+        if flops is None:  # one eager step of one process, counted (the all-reduce adds no FLOPs)
+            flops = bench.count_flops(lambda: train_step(dict(nets, ae=raw, disc=nets["disc_raw"]), batches, 0, args,
+                                                         dict(ctx, ddp=False)))
+            data.print0(f"benchmark: autoencoder {config} at {args.image_size} px, {sum(p.numel() for p in raw.parameters() if p.requires_grad):,} "
+                        f"trained parameters, random encoder and LPIPS weights; {flops / 1e9 / args.batch_size * world:.1f} "
+                        f"GFLOPs/image per training step (counted: AE, LPIPS, GAN and discriminator steps); synthetic images "
+                        f"(data loading not timed); {world} process(es) x {args.device_batch} x {accum} accumulation = "
+                        f"{args.batch_size} images/step; {args.bench_warmup} warm-up steps dropped, {args.bench_steps} timed"
+                        f"\n{bench.fast_paths(device, nets['opt'], ctx)}" + (f"\n{note}" if note else ""))
+        peaks[bf16] = peaks.get(bf16) or bench.peak_tflops(device, bf16)
+        bench.reset_peak_memory(device)
+        warm, sec = bench.time_steps(lambda i: train_step(nets, batches, i, args, ctx), args.bench_warmup, args.bench_steps, device)
+        img_s = args.batch_size / world / sec
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        flash = [bench.flash_attention(device, dtype, h, n, c // h) for h, n, c in
+                 ((config["num_heads"], N + 1, D), (1, N, config["ch"] * config["ch_mult"][-1]))]
+        rows.append([bench.precision_name(bf16, device), "on" if args.compile else "off",
+                     " / ".join("yes" if f else "no" for f in flash), f"{1000 * sec:.1f}", f"{img_s:.3g}",
+                     f"{img_s * world:.3g}", f"{100 * flops / sec / (peaks[bf16][0] * 1e12):.1f}% of {peaks[bf16][0]:.3g}",
+                     f"{data.peak_memory_gib(device):.2f}", f"{warm:.1f}"])
+        if len(inference) < len(peaks):  # encode / decode once per precision, eager, eval mode
+            raw.eval()
+            with torch.no_grad(), data.autocast(device, bf16):
+                z = raw.encode(images)
+                speed = [args.device_batch / bench.time_steps(lambda i: f(x), 1, args.bench_steps, device)[1]
+                         for f, x in ((raw.encode, images), (raw.decode, z))]
+            inference.append([bench.precision_name(bf16, device), *(f"{v:.3g}" for v in speed)])
+        del nets, raw
+    bench.table(["precision", "compile", "flash attention (ViTs / decoder)", "ms/step", "images/s per process",
+                 "images/s total", "MFU of peak TFLOP/s", "peak memory GiB", "warm-up s"], rows)
+    data.print0("MFU = counted FLOPs per step / seconds per step / peak; peak: "
+                + "; ".join(f"{bench.precision_name(k, device)} {v[0]:.3g} TFLOP/s ({v[1]})" for k, v in peaks.items())
+                + f"\ninference (eval mode, batch {args.device_batch} per process):")
+    bench.table(["precision", "encode images/s per process", "decode images/s per process"], inference)
+    data.cleanup()
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Train (or convert, or measure) the SVG autoencoder.")
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size and run preset")
@@ -598,14 +664,18 @@ def parse_args():
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ae.pt")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="force bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the autoencoder (before the DDP wrap); --benchmark times both unless given")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: from the CPU count)")
     p.add_argument("--compute-stats", metavar="CKPT", help="recompute the latent statistics of a checkpoint and exit")
     p.add_argument("--convert-official", metavar="CKPT", help="convert the authors' Lightning checkpoint and exit")
     p.add_argument("--stats", help="with --convert-official: the official dinov3_sp_stats.pt")
     p.add_argument("--out", help="with --convert-official: output checkpoint")
+    bench.add_args(p)
     args = p.parse_args()
+    if args.benchmark and args.batch_size is None:
+        args.batch_size = 0  # the benchmark's default: one micro-batch per process per step
     for k, v in SIZES[args.size].items():
         if k in vars(args) and getattr(args, k) is None:
             setattr(args, k, v)
@@ -623,6 +693,8 @@ def main():
         return
     ctx = data.setup(args.seed)
     device, master, world = ctx["device"], ctx["master"], ctx["world_size"]
+    if args.benchmark:
+        return benchmark(args, ctx)
     args.bf16, why = data.choose_bf16(args.bf16, device)
     data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {device} ({why})")
     if args.compute_stats:
@@ -640,12 +712,7 @@ def main():
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
     path = os.path.join(args.out_dir, "ae.pt")
     ckpt = data.load_checkpoint(path, "checkpoint to resume") if args.resume else None
-    config = ckpt["config"] if ckpt else dict(
-        encoder=args.encoder, image_size=args.image_size, residual=not args.no_residual, depth=SIZES[args.size]["depth"],
-        width=SIZES[args.size]["width"], num_heads=SIZES[args.size]["num_heads"], dropout=args.dropout,
-        mask_ratio=args.mask_ratio, ch=SIZES[args.size]["ch"], ch_mult=SIZES[args.size]["ch_mult"],
-        num_res_blocks=SIZES[args.size]["num_res_blocks"], batch_stats=args.batch_stats, decoder_noise=args.decoder_noise,
-        group_channels=GROUP_CHANNELS)
+    config = ckpt["config"] if ckpt else model_config(args)
     train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
     val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
     nets = build(config, args, ctx, None if ckpt else args.encoder_weights, args.lpips_weights, ckpt)

@@ -109,17 +109,19 @@ def fast_paths(device, opt, run):
 
 def reset_peak_memory(device):
     """Start a mode's peak-memory count: CUDA's allocator peak, or on Linux the process's peak RSS (writing 5 to
-    /proc/self/clear_refs resets it, and ru_maxrss with it, which data.peak_memory_gib reads)."""
+    /proc/self/clear_refs resets it, and ru_maxrss with it, which data.peak_memory_gib reads). False where it cannot
+    (then the peak is the process's so far)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    except OSError:  # not Linux: the peak is the process's so far
-        pass
+        return True
+    except OSError:
+        return False
 
 
 def time_steps(step, warmup, steps, device):

@@ -497,6 +497,73 @@ def train_step(model, raw, ema, opt, batches, step, args, run):
     return mean_loss
 
 
+def benchmark(args, run):
+    """--benchmark: train_step on synthetic latents (no data, no AE) in every mode this machine runs, then the
+    sampler as sample.py runs it at 5 and 25 Euler steps with and without CFG, then the decoder on its own."""
+    device, world = run["device"], run["world_size"]
+    if min(args.bench_steps, args.device_batch) < 1 or args.bench_warmup < 0:
+        raise SystemExit("--benchmark needs --bench-steps >= 1, --bench-warmup >= 0 and --device-batch >= 1")
+    args.batch_size = args.batch_size or args.device_batch * world
+    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+    config = dict(in_channels=args.latent_channels, grid=args.grid, num_classes=1000, class_dropout=args.class_dropout,
+                  mlp_ratio=4.0, **SIZES[args.size])
+    (T, C), heads, macs = (args.grid ** 2, args.latent_channels), config["num_heads"], forward_macs(config)
+    x1, labels = torch.randn(args.device_batch, T, C, device=device), torch.arange(args.device_batch, device=device)
+    batches = itertools.repeat((x1, labels))  # one synthetic micro-batch, every time: no loader, no encoder
+    modes, note = bench.modes(args.bf16, args.compile, device)
+    rows, peaks = [], {}
+    for bf16, compile in modes:
+        args.bf16 = bf16
+        torch.manual_seed(args.seed)
+        raw, ema, opt = build(config, args, device)
+        model = wrap(raw, compile, run)
+        if not rows:
+            data.print0(f"benchmark: DiT-{args.size} {config}, {sum(p.numel() for p in raw.parameters()):,} parameters, "
+                        f"{macs / 1e9:.2f} GMACs/image forward; synthetic latents {C} x {args.grid}x{args.grid} (the AE "
+                        f"encode and data loading are not timed); {world} process(es) x {args.device_batch} x {accum} "
+                        f"accumulation = {args.batch_size} images/step; {args.bench_warmup} warm-up steps dropped, "
+                        f"{args.bench_steps} timed\n{bench.fast_paths(device, opt, run)}" + (f"\n{note}" if note else ""))
+        peaks[bf16] = peaks.get(bf16) or bench.peak_tflops(device, bf16)
+        bench.reset_peak_memory(device)
+        warm, sec = bench.time_steps(lambda i: train_step(model, raw, ema, opt, batches, i, args, run),
+                                     args.bench_warmup, args.bench_steps, device)
+        img_s = args.batch_size / world / sec  # per process
+        flash = bench.flash_attention(device, torch.bfloat16 if bf16 else torch.float32, heads, T, config["width"] // heads)
+        rows.append([bench.precision_name(bf16, device), "on" if compile else "off", "yes" if flash else "no",
+                     f"{1000 * sec:.1f}", f"{img_s:.3g}", f"{img_s * world:.3g}",
+                     f"{100 * 6 * macs * img_s / (peaks[bf16][0] * 1e12):.1f}% of {peaks[bf16][0]:.3g}",
+                     f"{data.peak_memory_gib(device):.2f}", f"{warm:.1f}"])
+        del raw, ema, opt, model
+    bench.table(["precision", "compile", "flash attention", "ms/step", "images/s per process", "images/s total",
+                 "MFU of peak TFLOP/s", "peak memory GiB", "warm-up s"], rows)
+    data.print0("MFU = 6 x forward MACs x images/s per process / peak (training = 3 forwards); peak: "
+                + "; ".join(f"{bench.precision_name(k, device)} {v[0]:.3g} TFLOP/s ({v[1]})" for k, v in peaks.items()))
+
+    # the sampler as sample.py runs it: fp32 without TF32 (RAE: sample in fp32), eager, CFG as one batch of 2B
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(args.seed)
+    net = DiT(**config).to(device).eval()
+    noise = torch.randn(args.device_batch, T, C, device=device)
+    sample(net, noise, labels, steps=1)  # warm-up
+    rows = []
+    for steps in (5, 25):
+        for cfg in (1.0, PREVIEW_CFG):
+            sec = bench.time_steps(lambda i: sample(net, noise, labels, steps, PREVIEW_SHIFT, cfg), 0, 1, device)[1]
+            rows.append([steps, "off" if cfg == 1 else f"{cfg:g}", args.device_batch * (1 if cfg == 1 else 2),
+                         f"{args.device_batch / sec:.3g}", f"{args.device_batch * world / sec:.3g}"])
+    data.print0(f"sampler (network only, fp32, batch {args.device_batch} per process, shift {PREVIEW_SHIFT}):")
+    bench.table(["Euler steps", "CFG", "batch per forward", "images/s per process", "images/s total"], rows)
+    from ae import SIZES as AE_SIZES, Decoder  # here, so that importing diffusion.py does not import timm
+    preset = "tiny" if args.size == "tiny" else "full"
+    d = AE_SIZES[preset]
+    decoder = Decoder(C, d["ch"], d["ch_mult"], d["num_res_blocks"]).to(device).eval()
+    with torch.no_grad():
+        sec = bench.time_steps(lambda i: decoder(from_tokens(noise, args.grid)), 1, args.bench_steps, device)[1]
+    data.print0(f"decode (ae.py's {preset} decoder, random weights, fp32, {args.grid}x{args.grid} -> {16 * args.grid} px): "
+                f"{args.device_batch / sec:.3g} images/s per process, {args.device_batch * world / sec:.3g} total")
+    data.cleanup()
+
+
 @torch.no_grad()
 def encode_dataset(ae, dataset, num, batch, device, run):
     """--cache-latents N: the first N training images encoded once, in fp32 and without flips, as standardised
@@ -589,7 +656,8 @@ def parse_args():
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay per step (preset: tiny 0.995, else 0.9999)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="force bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (before the DDP wrap)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (before the DDP wrap); --benchmark times both unless given")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (SPEC 2); --no-flip makes runs comparable sample for sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, the noise and the data order")
@@ -601,6 +669,9 @@ def parse_args():
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/dit.pt (model, EMA, optimizer, step)")
     p.add_argument("--convert-official", default=None, metavar="OFFICIAL.pt", help="convert the authors' DiT, then exit")
     p.add_argument("--out", default=None, help="output path of --convert-official")
+    bench.add_args(p)
+    p.add_argument("--latent-channels", type=int, default=392, help="--benchmark: latent channels (SPEC 1: 384 + 8)")
+    p.add_argument("--grid", type=int, default=16, help="--benchmark: latent grid side (SPEC 1: 256 px / 16)")
     return p.parse_args()
 
 
@@ -610,12 +681,16 @@ def main():
         if not args.out:
             raise SystemExit("--convert-official needs --out PATH (and --ae AE_CKPT)")
         return convert_official_cli(args)
+    if args.benchmark and args.batch_size is None:
+        args.batch_size = 0  # the benchmark's default: one micro-batch per process per step
     for key, value in PRESETS["tiny" if args.size == "tiny" else "full"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     head = head_config(args)
     run = data.setup(args.seed)
     device, world = run["device"], run["world_size"]
+    if args.benchmark:
+        return benchmark(args, run)
     args.bf16, why = data.choose_bf16(args.bf16, device)
     data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {device} ({why})")
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
