@@ -9,6 +9,7 @@ distribution aligner and the LDM convolutional decoder, trained with L1 + LPIPS 
   latent statistics again:       python ae.py --compute-stats out/ae/ae.pt [--data shapes]
   the authors' weights:          python ae.py --convert-official svg_autoencoder_dinov3s16p_vit-s_epoch40.ckpt
                                      --stats dinov3_sp_stats.pt --out out/ae/official.pt
+  speed (synthetic images):      python ae.py --size full --benchmark     (bench.py; torchrun times the DDP step)
 
 Later stages import: load_autoencoder(path) -> model with encode / decode / standardize / unstandardize.
 """

@@ -12,6 +12,7 @@ a timer that drops the warm-up (and compile) steps, a FLOP counter and the table
 import gc
 import math
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -90,7 +91,8 @@ def flash_attention(device, dtype, num_heads, tokens, head_dim):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     q = torch.zeros(1, num_heads, tokens, head_dim, device=device, dtype=dtype)
     try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the refusal is the answer; CUDA also warns why
             F.scaled_dot_product_attention(q, q, q)
         return True
     except RuntimeError:
@@ -111,6 +113,7 @@ def reset_peak_memory(device):
     """Start a mode's peak-memory count: CUDA's allocator peak, or on Linux the process's peak RSS (writing 5 to
     /proc/self/clear_refs resets it, and ru_maxrss with it, which data.peak_memory_gib reads). False where it cannot
     (then the peak is the process's so far)."""
+    torch.compiler.reset()  # drop the previous mode's compiled graphs and what they hold
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

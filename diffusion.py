@@ -9,6 +9,7 @@ one GPU:                 python diffusion.py --size XL --data /path/to/imagenet/
 resume:                  python diffusion.py --size tiny --resume --steps 800
 RAE's wide head:         python diffusion.py --size tiny --head dh             (DiT^DH, SPEC 8)
 official weights:        python diffusion.py --convert-official V1-SVG-XL-7000K-256x256.pt --ae AE.pt --out svg_xl.pt
+speed:                   python diffusion.py --size XL --benchmark            (synthetic latents; bench.py)
 """
 import argparse
 import copy
@@ -508,7 +509,7 @@ def benchmark(args, run):
     config = dict(in_channels=args.latent_channels, grid=args.grid, num_classes=1000, class_dropout=args.class_dropout,
                   mlp_ratio=4.0, **SIZES[args.size])
     (T, C), heads, macs = (args.grid ** 2, args.latent_channels), config["num_heads"], forward_macs(config)
-    x1, labels = torch.randn(args.device_batch, T, C, device=device), torch.arange(args.device_batch, device=device)
+    x1, labels = torch.randn(args.device_batch, T, C, device=device), torch.arange(args.device_batch, device=device) % 1000
     batches = itertools.repeat((x1, labels))  # one synthetic micro-batch, every time: no loader, no encoder
     modes, note = bench.modes(args.bf16, args.compile, device)
     rows, peaks = [], {}
