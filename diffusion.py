@@ -507,7 +507,7 @@ def benchmark(args, run):
     args.batch_size = args.batch_size or args.device_batch * world
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
     config = dict(in_channels=args.latent_channels, grid=args.grid, num_classes=1000, class_dropout=args.class_dropout,
-                  mlp_ratio=4.0, **SIZES[args.size])
+                  mlp_ratio=4.0, pred=args.pred, **SIZES[args.size])
     (T, C), heads, macs = (args.grid ** 2, args.latent_channels), config["num_heads"], forward_macs(config)
     x1, labels = torch.randn(args.device_batch, T, C, device=device), torch.arange(args.device_batch, device=device) % 1000
     batches = itertools.repeat((x1, labels))  # one synthetic micro-batch, every time: no loader, no encoder
@@ -549,15 +549,15 @@ def benchmark(args, run):
     rows = []
     for steps in (5, 25):
         for cfg in (1.0, PREVIEW_CFG):
-            sec = bench.time_steps(lambda i: sample(net, noise, labels, steps, PREVIEW_SHIFT, cfg), 0, 1, device)[1]
+            sec = bench.time_steps(lambda i: sample(net, noise, labels, steps, SAMPLE_SHIFT, cfg), 0, 1, device)[1]
             rows.append([steps, "off" if cfg == 1 else f"{cfg:g}", args.device_batch * (1 if cfg == 1 else 2),
                          f"{args.device_batch / sec:.3g}", f"{args.device_batch * world / sec:.3g}"])
-    data.print0(f"sampler (network only, fp32, batch {args.device_batch} per process, shift {PREVIEW_SHIFT}):")
+    data.print0(f"sampler (network only, fp32, batch {args.device_batch} per process, shift {SAMPLE_SHIFT}):")
     bench.table(["Euler steps", "CFG", "batch per forward", "images/s per process", "images/s total"], rows)
-    from ae import SIZES as AE_SIZES, Decoder  # here, so that importing diffusion.py does not import timm
+    from ae import GROUP_CHANNELS, SIZES as AE_SIZES, Decoder  # here, so that importing diffusion.py does not import timm
     preset = "tiny" if args.size == "tiny" else "full"
     d = AE_SIZES[preset]
-    decoder = Decoder(C, d["ch"], d["ch_mult"], d["num_res_blocks"]).to(device).eval()
+    decoder = Decoder(C, d["ch"], d["ch_mult"], d["num_res_blocks"], gc=GROUP_CHANNELS).to(device).eval()
     with torch.no_grad():
         sec = bench.time_steps(lambda i: decoder(from_tokens(noise, args.grid)), 1, args.bench_steps, device)[1]
     data.print0(f"decode (ae.py's {preset} decoder, random weights, fp32, {args.grid}x{args.grid} -> {16 * args.grid} px): "
