@@ -104,7 +104,7 @@ def fast_paths(device, opt, run):
     fused = bool(opt.defaults.get("fused"))
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     backend = f"DDP over {dist.get_backend()}, {run['world_size']} processes" if run["ddp"] else "1 process, no DDP"
-    return (f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}) | "
+    return (f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}) | "
             f"{backend} | fused {type(opt).__name__} {'on' if fused else 'off'} | TF32 matmuls "
             f"{'on' if tf32 else 'off' if device.type == 'cuda' else 'n/a (not CUDA)'} | torch.compile wraps the model before DDP")
 
