@@ -507,7 +507,7 @@ def benchmark(args, run):
     args.batch_size = args.batch_size or args.device_batch * world
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
     config = dict(in_channels=args.latent_channels, grid=args.grid, num_classes=1000, class_dropout=args.class_dropout,
-                  mlp_ratio=4.0, pred=args.pred, **SIZES[args.size])
+                  mlp_ratio=4.0, pred=args.pred, **SIZES[args.size], **head_config(args))
     (T, C), heads, macs = (args.grid ** 2, args.latent_channels), config["num_heads"], forward_macs(config)
     x1, labels = torch.randn(args.device_batch, T, C, device=device), torch.arange(args.device_batch, device=device) % 1000
     batches = itertools.repeat((x1, labels))  # one synthetic micro-batch, every time: no loader, no encoder
