@@ -9,10 +9,12 @@ distribution aligner and the LDM convolutional decoder, trained with L1 + LPIPS 
   latent statistics again:       python ae.py --compute-stats out/ae/ae.pt [--data shapes]
   the authors' weights:          python ae.py --convert-official svg_autoencoder_dinov3s16p_vit-s_epoch40.ckpt
                                      --stats dinov3_sp_stats.pt --out out/ae/official.pt
+  speed (synthetic images):      python ae.py --size full --benchmark     (data.py; torchrun times the DDP step)
 
 Later stages import: load_autoencoder(path) -> model with encode / decode / standardize / unstandardize.
 """
 import argparse
+import itertools
 import math
 import os
 import re
@@ -473,6 +475,154 @@ def convert_official(ckpt_path, stats_path, out_path, encoder="vit_small_plus_pa
 # training
 
 
+def model_config(args):
+    """The autoencoder's config from the flags and the size preset (it travels in the checkpoint)."""
+    size = SIZES[args.size]
+    return dict(encoder=args.encoder, image_size=args.image_size, residual=not args.no_residual, depth=size["depth"],
+                width=size["width"], num_heads=size["num_heads"], dropout=args.dropout, mask_ratio=args.mask_ratio,
+                ch=size["ch"], ch_mult=size["ch_mult"], num_res_blocks=size["num_res_blocks"],
+                batch_stats=args.batch_stats, decoder_noise=args.decoder_noise, group_channels=GROUP_CHANNELS,
+                rope_bf16_periods=args.encoder_weights != "random")  # Meta's stored periods with pretrained DINOv3
+
+
+def build(config, args, ctx, encoder_weights, lpips_weights, ckpt=None):
+    """The nets of a run as a dict: raw (the autoencoder), ae (compiled before the DDP wrap), disc_raw / disc, their
+    Adam optimizers opt / opt_d, and lpips (None for L1 only); restored from ckpt when given."""
+    device = ctx["device"]
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (random encoder and LPIPS trunk included)
+    raw = SVGAutoencoder(config, encoder_weights).to(device)
+    disc_raw = PatchGAN().to(device)
+    if raw.residual and config["mask_ratio"] == 0:
+        raw.mask_token.requires_grad_(False)  # unused: DDP must not wait for its gradient
+    params = [p for p in raw.parameters() if p.requires_grad]  # residual ViT, mask token, decoder (not the encoder)
+    fused = device.type == "cuda"  # one kernel per step instead of one per parameter tensor
+    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9), fused=fused)  # SPEC 1: Adam (0.5, 0.9), no weight decay
+    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
+    if ckpt:
+        for m, k in ((raw, "model"), (disc_raw, "disc"), (opt, "opt"), (opt_d, "opt_disc")):
+            m.load_state_dict(ckpt[k])
+    lpips_net = build_lpips(lpips_weights).to(device) if args.perceptual_weight > 0 else None  # None: L1 only
+    model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
+    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
+        m, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None) if ctx["ddp"] else m
+    return dict(raw=raw, ae=ddp(model), disc_raw=disc_raw, disc=ddp(disc_raw), opt=opt, opt_d=opt_d, lpips=lpips_net)
+
+
+def train_step(nets, batches, step, args, ctx):
+    """One AE optimizer step over the micro-batches (images, labels) that `batches` yields, then one discriminator
+    step once the GAN is on (SPEC 1). The training loop and --benchmark both call this. Returns the step's log."""
+    raw, ae, disc_raw, disc, lpips_net = (nets[k] for k in ("raw", "ae", "disc_raw", "disc", "lpips"))
+    device, world = ctx["device"], ctx["world_size"]
+    accum = args.batch_size // (args.device_batch * world)
+    autocast = lambda: data.autocast(device, args.bf16)  # noqa: E731
+    last = raw.decoder.conv_out.weight  # the adaptive GAN weight balances gradients at this layer (SPEC 1)
+    gan = step >= args.disc_start
+    disc_raw.requires_grad_(False)
+    log, pairs = dict(l1=0.0, lpips=0.0, g=0.0, w=0.0, d=0.0, psnr=0.0), []
+    for micro in range(accum):
+        # randomness (dropout, residual mask, decoder noise) is a function of (seed, step, chunk of the global
+        # batch): a resumed run, and 1 or N processes, draw the same numbers for the same images
+        torch.manual_seed(args.seed + 1_000_003 * step + micro * world + ctx["rank"])
+        x = next(batches)[0].to(device)
+        with ae.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():  # sync on the last micro-step
+            with autocast():
+                y = ae(x)
+                l1 = (y.float() - x).abs()  # (B, 3, H, W)
+                p_loss = lpips_net(y, x).float() if lpips_net else torch.zeros(len(x), 1, 1, 1, device=device)
+                rec = (l1 + args.perceptual_weight * p_loss).sum((1, 2, 3)).mean()  # summed over pixels (SPEC 1)
+                loss = rec
+                if gan:
+                    g = -disc_raw(y).float().mean()
+                    gr, gg = (torch.autograd.grad(t, last, retain_graph=True)[0] for t in (rec, g))
+                    w = (gr.norm() / (gg.norm() + 1e-4)).clamp(0, 1e4).detach() * DISC_WEIGHT
+                    loss = rec + w * g
+                    log["g"] += g.item() / accum
+                    log["w"] += w.item() / accum
+            (loss / accum).backward()
+        pairs.append((x, y.detach()))
+        log["l1"] += l1.mean().item() / accum
+        log["lpips"] += p_loss.mean().item() / accum
+        log["psnr"] += psnr(y.detach().float(), x).mean().item() / accum
+    path = os.path.join(args.out_dir, "ae.pt")  # named in the stop message: it keeps the last good checkpoint
+    norm = torch.nn.utils.get_total_norm([p.grad for p in raw.parameters() if p.grad is not None])
+    data.stop_if_nonfinite(step + 1, {**{k: log[k] for k in ("l1", "lpips", "g", "w")}, "grad norm": norm}, path)
+    nets["opt"].step()
+    nets["opt"].zero_grad(set_to_none=True)
+    if raw.batch_stats_log:  # running alignment statistics: mean over all micro-batches of all ranks
+        s = torch.stack(raw.batch_stats_log).mean(0) / world
+        raw.batch_stats_log.clear()
+        if ctx["ddp"]:
+            torch.distributed.all_reduce(s)
+        raw.update_align_stats(s)
+    if gan:  # discriminator: one hinge step on the same images after the AE step (SPEC 1)
+        disc_raw.requires_grad_(True)
+        for micro, (x, y) in enumerate(pairs):
+            with disc.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():
+                with autocast():
+                    d = 0.5 * (F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(y).float()).mean())
+                (d / accum).backward()
+            log["d"] += d.item() / accum
+        norm = torch.nn.utils.get_total_norm([p.grad for p in disc_raw.parameters() if p.grad is not None])
+        data.stop_if_nonfinite(step + 1, {"d": log["d"], "discriminator grad norm": norm}, path)
+        nets["opt_d"].step()
+        nets["opt_d"].zero_grad(set_to_none=True)
+    return log
+
+
+def benchmark(args, ctx):
+    """--benchmark: train_step with the GAN on, on synthetic images, in every mode this machine runs, then encode and
+    decode. Encoder and LPIPS trunk get random weights (speed does not depend on them; no download needed)."""
+    device, world = ctx["device"], ctx["world_size"]
+    if min(args.bench_steps, args.device_batch) < 1 or args.bench_warmup < 0:
+        raise SystemExit("--benchmark needs --bench-steps >= 1, --bench-warmup >= 0 and --device-batch >= 1")
+    args.batch_size = args.batch_size or args.device_batch * world
+    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+    config, args.disc_start = model_config(args), 0  # the GAN is on in every step, as in most of a run
+    images = torch.rand(args.device_batch, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    batches = itertools.repeat((images, None))  # one synthetic micro-batch, every time: no loader
+    modes, note = data.modes(args.bf16, args.compile, device)
+    rows, peaks, flops, inference = [], {}, None, []
+    for bf16, args.compile in modes:
+        args.bf16 = bf16
+        nets = build(config, args, ctx, None, "random")
+        raw, N, D = nets["raw"], (args.image_size // 16) ** 2, config["width"]
+        if flops is None:  # one eager step of one process, counted (the all-reduce adds no FLOPs)
+            flops = data.count_flops(lambda: train_step(dict(nets, ae=raw, disc=nets["disc_raw"]), batches, 0, args,
+                                                         dict(ctx, ddp=False)))
+            data.print0(f"benchmark: autoencoder {config} at {args.image_size} px, {sum(p.numel() for p in raw.parameters() if p.requires_grad):,} "
+                        f"trained parameters, random encoder and LPIPS weights; {flops / 1e9 / args.batch_size * world:.1f} "
+                        f"GFLOPs/image per training step (counted: AE, LPIPS, GAN and discriminator steps); synthetic images "
+                        f"(data loading not timed); {world} process(es) x {args.device_batch} x {accum} accumulation = "
+                        f"{args.batch_size} images/step; {args.bench_warmup} warm-up steps dropped, {args.bench_steps} timed"
+                        f"\n{data.fast_paths(device, nets['opt'], ctx)}" + (f"\n{note}" if note else ""))
+        peaks[bf16] = peaks.get(bf16) or data.peak_tflops(device, bf16)
+        data.reset_peak_memory(device)
+        warm, sec = data.time_steps(lambda i: train_step(nets, batches, i, args, ctx), args.bench_warmup, args.bench_steps, device)
+        img_s = args.batch_size / world / sec
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        flash = [data.flash_attention(device, dtype, h, n, c // h) for h, n, c in
+                 ((config["num_heads"], N + 1, D), (1, N, config["ch"] * config["ch_mult"][-1]))]
+        rows.append([data.precision_name(bf16, device), "on" if args.compile else "off",
+                     " / ".join("yes" if f else "no" for f in flash), f"{1000 * sec:.1f}", f"{img_s:.3g}",
+                     f"{img_s * world:.3g}", f"{100 * flops / sec / (peaks[bf16][0] * 1e12):.1f}% of {peaks[bf16][0]:.3g}",
+                     f"{data.peak_memory_gib(device):.2f}", f"{warm:.1f}"])
+        if len(inference) < len(peaks):  # encode / decode once per precision, eager, eval mode
+            raw.eval()
+            with torch.no_grad(), data.autocast(device, bf16):
+                z = raw.encode(images)
+                speed = [args.device_batch / data.time_steps(lambda i: f(x), 1, args.bench_steps, device)[1]
+                         for f, x in ((raw.encode, images), (raw.decode, z))]
+            inference.append([data.precision_name(bf16, device), *(f"{v:.3g}" for v in speed)])
+        del nets, raw
+    data.table(["precision", "compile", "flash attention (ViTs / decoder)", "ms/step", "images/s per process",
+                 "images/s total", "MFU of peak TFLOP/s", "peak memory GiB", "warm-up s"], rows)
+    data.print0("MFU = counted FLOPs per step / seconds per step / peak; peak: "
+                + "; ".join(f"{data.precision_name(k, device)} {v[0]:.3g} TFLOP/s ({v[1]})" for k, v in peaks.items())
+                + f"\ninference (eval mode, batch {args.device_batch} per process):")
+    data.table(["precision", "encode images/s per process", "decode images/s per process"], inference)
+    data.cleanup()
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Train (or convert, or measure) the SVG autoencoder.")
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size and run preset")
@@ -506,7 +656,8 @@ def parse_args():
     p.add_argument("--overwrite", action="store_true", help="start a new run even though OUT_DIR/ae.pt exists")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="force bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the autoencoder (before the DDP wrap); --benchmark times both unless given")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: from the CPU count)")
     p.add_argument("--compute-stats", metavar="CKPT", help="recompute the latent statistics of a checkpoint and exit")
@@ -515,9 +666,12 @@ def parse_args():
     p.add_argument("--out", help="with --convert-official: output checkpoint")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="with --convert-official: unpickle any object in the file (it can run code; trusted files only)")
+    data.add_args(p)
     args = p.parse_args()
+    if args.benchmark and args.batch_size is None:
+        args.batch_size = 0  # the benchmark's default: one micro-batch per process per step
     for k, v in SIZES[args.size].items():  # --device-batch, when not given, is derived from the world size in main
-        if k in vars(args) and getattr(args, k) is None and k != "device_batch":
+        if k in vars(args) and getattr(args, k) is None and (k != "device_batch" or args.benchmark):
             setattr(args, k, v)
     data.check_args(args, at_least=dict(steps=1, batch_size=1, device_batch=1, image_size=16, log_every=1, eval_every=1,
                                         sample_every=1, save_every=1, eval_images=1, stats_images=0, disc_start=0,
@@ -536,6 +690,8 @@ def main():
         data.check_out_file(args.out, (".pt", ".pth"))
         convert_official(args.convert_official, args.stats, args.out, args.encoder, args.trust_checkpoint)
         return
+    if args.benchmark:  # synthetic images: no data, nothing written
+        return benchmark(args, data.setup(args.seed))
     path = os.path.join(args.out_dir, "ae.pt")
     if not args.compute_stats:
         data.check_out_dir(args.out_dir)
@@ -559,37 +715,17 @@ def main():
         return
 
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
-    config = ckpt["config"] if ckpt else dict(
-        encoder=args.encoder, image_size=args.image_size, residual=not args.no_residual, depth=SIZES[args.size]["depth"],
-        width=SIZES[args.size]["width"], num_heads=SIZES[args.size]["num_heads"], dropout=args.dropout,
-        mask_ratio=args.mask_ratio, ch=SIZES[args.size]["ch"], ch_mult=SIZES[args.size]["ch_mult"],
-        num_res_blocks=SIZES[args.size]["num_res_blocks"], batch_stats=args.batch_stats, decoder_noise=args.decoder_noise,
-        group_channels=GROUP_CHANNELS,
-        rope_bf16_periods=args.encoder_weights != "random")  # Meta's stored periods with pretrained DINOv3 weights
+    config = ckpt["config"] if ckpt else model_config(args)
     train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
     val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (random encoder and LPIPS trunk included)
-    raw = SVGAutoencoder(config, None if ckpt else args.encoder_weights).to(device)
-    disc_raw = PatchGAN().to(device)
-    if raw.residual and config["mask_ratio"] == 0:
-        raw.mask_token.requires_grad_(False)  # unused: DDP must not wait for its gradient
-    params = [p for p in raw.parameters() if p.requires_grad]  # residual ViT, mask token, decoder (not the encoder)
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9))  # SPEC 1: Adam (0.5, 0.9), no weight decay
-    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    start, history = 0, []
+    nets = build(config, args, ctx, None if ckpt else args.encoder_weights, args.lpips_weights, ckpt)
+    raw, disc_raw, opt, opt_d, lpips_net = (nets[k] for k in ("raw", "disc_raw", "opt", "opt_d", "lpips"))
+    start, history = (ckpt["step"], ckpt["history"]) if ckpt else (0, [])
     if ckpt:
-        for m, k in ((raw, "model"), (disc_raw, "disc"), (opt, "opt"), (opt_d, "opt_disc")):
-            m.load_state_dict(ckpt[k])
-        for group in opt.param_groups + opt_d.param_groups:  # --lr applies to the resumed run, as the log says
+        for group in nets["opt"].param_groups + nets["opt_d"].param_groups:  # --lr applies to the resumed run
             group["lr"] = args.lr
-        start, history = ckpt["step"], ckpt["history"]
         data.print0(f"resumed from step {start} of {path}, lr {args.lr:g}")
-    lpips_net = build_lpips(args.lpips_weights).to(device) if args.perceptual_weight > 0 else None  # None: L1 only
-    model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
-    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
-        m, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None) if ctx["ddp"] else m
-    ae, disc = ddp(model), ddp(disc_raw)
-    data.print0(f"config {config}\nrun {vars(args)}\ntrainable {sum(p.numel() for p in params):,} params, encoder "
+    data.print0(f"config {config}\nrun {vars(args)}\ntrainable {sum(p.numel() for p in raw.parameters() if p.requires_grad):,} params, encoder "
                 f"{sum(p.numel() for p in raw.encoder.parameters()):,} frozen, latent {raw.latent_channels} x "
                 f"{args.image_size // 16}^2, {world} process(es) x {args.device_batch} x {accum} accumulation on {device}")
 
@@ -597,8 +733,6 @@ def main():
     stream = data.RunOrder(train_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world,
                            args.device_batch)
     loader = iter(data.make_loader(stream, args.device_batch, shuffle=False, seed=args.seed, num_workers=args.num_workers))
-    autocast = lambda: data.autocast(device, args.bf16)  # noqa: E731
-    last = raw.decoder.conv_out.weight  # the adaptive GAN weight balances gradients at this layer (SPEC 1)
 
     def checkpoint(step):
         data.save_checkpoint({"model": raw.state_dict(), "disc": disc_raw.state_dict(), "opt": opt.state_dict(),
@@ -623,55 +757,7 @@ def main():
             te = time.time()
             eval_and_samples(step)
             t0 += time.time() - te  # images/s counts training only
-        gan = step >= args.disc_start
-        disc_raw.requires_grad_(False)
-        log, pairs = dict(l1=0.0, lpips=0.0, g=0.0, w=0.0, d=0.0, psnr=0.0), []
-        for micro in range(accum):
-            # randomness (dropout, residual mask, decoder noise) is a function of (seed, step, chunk of the global
-            # batch): a resumed run, and 1 or N processes, draw the same numbers for the same images
-            torch.manual_seed(args.seed + 1_000_003 * step + micro * world + ctx["rank"])
-            x = next(loader)[0].to(device)
-            with ae.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():  # sync on the last micro-step
-                with autocast():
-                    y = ae(x)
-                    l1 = (y.float() - x).abs()  # (B, 3, H, W)
-                    p_loss = lpips_net(y, x).float() if lpips_net else torch.zeros(len(x), 1, 1, 1, device=device)
-                    rec = (l1 + args.perceptual_weight * p_loss).sum((1, 2, 3)).mean()  # summed over pixels (SPEC 1)
-                    loss = rec
-                    if gan:
-                        g = -disc_raw(y).float().mean()
-                        gr, gg = (torch.autograd.grad(t, last, retain_graph=True)[0] for t in (rec, g))
-                        w = (gr.norm() / (gg.norm() + 1e-4)).clamp(0, 1e4).detach() * DISC_WEIGHT
-                        loss = rec + w * g
-                        log["g"] += g.item() / accum
-                        log["w"] += w.item() / accum
-                (loss / accum).backward()
-            pairs.append((x, y.detach()))
-            log["l1"] += l1.mean().item() / accum
-            log["lpips"] += p_loss.mean().item() / accum
-            log["psnr"] += psnr(y.detach().float(), x).mean().item() / accum
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        data.stop_if_nonfinite(step + 1, {**{k: log[k] for k in ("l1", "lpips", "g", "w")}, "grad norm": norm}, path)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if raw.batch_stats_log:  # running alignment statistics: mean over all micro-batches of all ranks
-            s = torch.stack(raw.batch_stats_log).mean(0) / world
-            raw.batch_stats_log.clear()
-            if ctx["ddp"]:
-                torch.distributed.all_reduce(s)
-            raw.update_align_stats(s)
-        if gan:  # discriminator: one hinge step on the same images after the AE step (SPEC 1)
-            disc_raw.requires_grad_(True)
-            for micro, (x, y) in enumerate(pairs):
-                with disc.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():
-                    with autocast():
-                        d = 0.5 * (F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(y).float()).mean())
-                    (d / accum).backward()
-                log["d"] += d.item() / accum
-            norm = torch.nn.utils.get_total_norm([p.grad for p in disc_raw.parameters() if p.grad is not None])
-            data.stop_if_nonfinite(step + 1, {"d": log["d"], "discriminator grad norm": norm}, path)
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+        log = train_step(nets, loader, step, args, ctx)
         done += 1
         if master and ((step + 1) % args.log_every == 0 or step == start):
             dt, t0 = time.time() - t0, time.time()

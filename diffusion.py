@@ -9,9 +9,11 @@ one GPU:                 python diffusion.py --size XL --data /path/to/imagenet/
 resume:                  python diffusion.py --size tiny --resume --steps 800
 RAE's wide head:         python diffusion.py --size tiny --head dh             (DiT^DH, SPEC 8)
 official weights:        python diffusion.py --convert-official V1-SVG-XL-7000K-256x256.pt --ae AE.pt --out svg_xl.pt
+speed:                   python diffusion.py --size XL --benchmark            (synthetic latents; data.py)
 """
 import argparse
 import copy
+import itertools
 import math
 import os
 import time
@@ -50,8 +52,6 @@ PRESETS = {
 # hidden_size [384 | 1152, 2048], depth [12 | 28, 2], num_heads [6 | 16, 16]); tiny's is ours, ~2x its 392-d token
 DH_HEADS = {"tiny": dict(head_depth=2, head_width=768), "full": dict(head_depth=2, head_width=2048)}
 DH_HEAD_DIM = 128  # RAE's 2048 / 16 heads; --head-width W gets W / 128 heads
-PEAK_TFLOPS = {"H100": (989.0, 494.7), "H200": (989.0, 494.7), "A100": (312.0, 156.0)}  # dense (bf16, tf32)
-CPU_TFLOPS_PER_CORE = 0.1  # ~3 GHz x 32 fp32 FLOPs/cycle (AVX2/AVX-512 FMA): a rough figure, use --peak-tflops
 PREVIEW_STEPS, PREVIEW_CFG = 25, 4.0  # official sampling steps; w=4 for pictures (SPEC 3)
 SAMPLE_SHIFT = 0.15  # official sampling shift (SPEC 3), denser near noise than training's 0.4
 
@@ -433,14 +433,139 @@ def ae_info(ae, path):
                 grid=int(ae.image_size // ae.patch_size), image_size=int(ae.image_size))
 
 
-def default_peak_tflops(device, bf16):
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (peak_bf16, peak_tf32) in PEAK_TFLOPS.items():
-            if key in name:
-                return peak_bf16 if bf16 else peak_tf32
-        return 100.0
-    return CPU_TFLOPS_PER_CORE * (os.cpu_count() or 1)
+def latent_batches(loader, ae, device):
+    """Micro-batches (x1 tokens (b, T, C), labels (b,)) from the data loader: images encoded online by the frozen AE
+    as the official code does, or (ae None) tokens that encode_dataset cached."""
+    for batch, labels in loader:
+        batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if ae is None:
+            yield batch, labels  # (b, T, C), encoded and standardised once by encode_dataset
+            continue
+        # fp32 (TF32 on GPU), not bf16: the latent statistics were computed in fp32, the official code encodes in
+        # fp32/TF32, and official channels with std 0.16 around mean 3.5 show bf16's rounding once standardised
+        with torch.no_grad():
+            z = ae.encode(batch)  # (b, C, grid, grid)
+        yield to_tokens(ae.standardize(z.float())), labels  # (b, T, C), per-channel standardised (SPEC 1)
+
+
+def build(config, args, device):
+    """The model, its EMA (a frozen copy, DiT's) and AdamW (fused on CUDA)."""
+    raw = DiT(**config).to(device)
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    return raw, ema, opt
+
+
+def wrap(raw, compile, run):
+    """torch.compile before the DDP wrap; raw stays the module for state dicts, EMA and sampling (no _orig_mod. keys)."""
+    model = torch.compile(raw) if compile else raw
+    if run["ddp"]:
+        model = DDP(model, device_ids=[run["local_rank"]] if run["device"].type == "cuda" else None)
+    return model
+
+
+def train_step(model, raw, ema, opt, batches, step, args, run):
+    """One optimizer step over the micro-batches (x1, labels) that `batches` yields, gradient sync on the last only,
+    then the EMA. The training loop and --benchmark both call this. Returns the step's mean loss on this process."""
+    device, world, rank = run["device"], run["world_size"], run["rank"]
+    accum = args.batch_size // (args.device_batch * world)
+    (T, C), num_classes = (raw.config["grid"] ** 2, raw.config["in_channels"]), raw.config["num_classes"]
+    shift = resolve_shift(args.shift, raw.config)  # args keep 'auto' for the record
+    # noise, times and label drops of the whole global batch from (seed, step): the same numbers on
+    # 1 or N processes and after a resume; each process takes the rows of its samples in RunOrder's
+    # layout (micro-step m on rank r is chunk m*world + r of the global batch)
+    g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+    x0_all = torch.randn(args.batch_size, T, C, generator=g, device=device)
+    u_all = draw_u(args.batch_size, args.time_dist, g, device)
+    drop_all = torch.rand(args.batch_size, generator=g, device=device) < raw.config["class_dropout"]
+    mean_loss = torch.zeros((), device=device)
+    for m in range(accum):
+        x1, labels = next(batches)
+        rows = torch.arange(len(labels), device=device) + (m * world + rank) * args.device_batch
+        y = torch.where(drop_all[rows], num_classes, labels)  # label dropout -> null class
+        sync = model.no_sync() if run["ddp"] and m < accum - 1 else nullcontext()  # all-reduce once per step
+        with sync:
+            with data.autocast(device, args.bf16):
+                loss = flow_loss(model, x1, y, shift, x0=x0_all[rows], u=u_all[rows], pred=raw.config["pred"])
+            (loss / accum).backward()
+        mean_loss += loss.detach() / accum
+    norm = torch.nn.utils.get_total_norm([p.grad for p in raw.parameters() if p.grad is not None])
+    data.stop_if_nonfinite(step + 1, {"loss": mean_loss, "grad norm": norm},  # one sync per step
+                           os.path.join(args.out_dir, "dit.pt"))
+    if args.clip_grad > 0:
+        torch.nn.utils.clip_grads_with_norm_(raw.parameters(), args.clip_grad, norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    update_ema(ema, raw, args.ema_decay)
+    return mean_loss
+
+
+def benchmark(args, run):
+    """--benchmark: train_step on synthetic latents (no data, no AE) in every mode this machine runs, then the
+    sampler as sample.py runs it at 5 and 25 Euler steps with and without CFG, then the decoder on its own."""
+    device, world = run["device"], run["world_size"]
+    if min(args.bench_steps, args.device_batch) < 1 or args.bench_warmup < 0:
+        raise SystemExit("--benchmark needs --bench-steps >= 1, --bench-warmup >= 0 and --device-batch >= 1")
+    args.batch_size = args.batch_size or args.device_batch * world
+    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+    config = dict(in_channels=args.latent_channels, grid=args.grid, num_classes=1000, class_dropout=args.class_dropout,
+                  mlp_ratio=4.0, pred=args.pred, **SIZES[args.size], **head_config(args))
+    (T, C), heads, macs = (args.grid ** 2, args.latent_channels), config["num_heads"], forward_macs(config)
+    x1, labels = torch.randn(args.device_batch, T, C, device=device), torch.arange(args.device_batch, device=device) % 1000
+    batches = itertools.repeat((x1, labels))  # one synthetic micro-batch, every time: no loader, no encoder
+    modes, note = data.modes(args.bf16, args.compile, device)
+    rows, peaks = [], {}
+    for bf16, compile in modes:
+        args.bf16 = bf16
+        torch.manual_seed(args.seed)
+        raw, ema, opt = build(config, args, device)
+        model = wrap(raw, compile, run)
+        if not rows:
+            data.print0(f"benchmark: DiT-{args.size} {config}, {sum(p.numel() for p in raw.parameters()):,} parameters, "
+                        f"{macs / 1e9:.2f} GMACs/image forward; synthetic latents {C} x {args.grid}x{args.grid} (the AE "
+                        f"encode and data loading are not timed); {world} process(es) x {args.device_batch} x {accum} "
+                        f"accumulation = {args.batch_size} images/step; {args.bench_warmup} warm-up steps dropped, "
+                        f"{args.bench_steps} timed\n{data.fast_paths(device, opt, run)}" + (f"\n{note}" if note else ""))
+        peaks[bf16] = peaks.get(bf16) or data.peak_tflops(device, bf16)
+        data.reset_peak_memory(device)
+        warm, sec = data.time_steps(lambda i: train_step(model, raw, ema, opt, batches, i, args, run),
+                                     args.bench_warmup, args.bench_steps, device)
+        img_s = args.batch_size / world / sec  # per process
+        flash = data.flash_attention(device, torch.bfloat16 if bf16 else torch.float32, heads, T, config["width"] // heads)
+        rows.append([data.precision_name(bf16, device), "on" if compile else "off", "yes" if flash else "no",
+                     f"{1000 * sec:.1f}", f"{img_s:.3g}", f"{img_s * world:.3g}",
+                     f"{100 * 6 * macs * img_s / (peaks[bf16][0] * 1e12):.1f}% of {peaks[bf16][0]:.3g}",
+                     f"{data.peak_memory_gib(device):.2f}", f"{warm:.1f}"])
+        del raw, ema, opt, model
+    data.table(["precision", "compile", "flash attention", "ms/step", "images/s per process", "images/s total",
+                 "MFU of peak TFLOP/s", "peak memory GiB", "warm-up s"], rows)
+    data.print0("MFU = 6 x forward MACs x images/s per process / peak (training = 3 forwards); peak: "
+                + "; ".join(f"{data.precision_name(k, device)} {v[0]:.3g} TFLOP/s ({v[1]})" for k, v in peaks.items()))
+
+    # the sampler as sample.py runs it: fp32 without TF32 (RAE: sample in fp32), eager, CFG as one batch of 2B
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(args.seed)
+    net = DiT(**config).to(device).eval()
+    noise = torch.randn(args.device_batch, T, C, device=device)
+    sample(net, noise, labels, steps=1)  # warm-up
+    rows = []
+    for steps in (5, 25):
+        for cfg in (1.0, PREVIEW_CFG):
+            sec = data.time_steps(lambda i: sample(net, noise, labels, steps, SAMPLE_SHIFT, cfg), 0, 1, device)[1]
+            rows.append([steps, "off" if cfg == 1 else f"{cfg:g}", args.device_batch * (1 if cfg == 1 else 2),
+                         f"{args.device_batch / sec:.3g}", f"{args.device_batch * world / sec:.3g}"])
+    data.print0(f"sampler (network only, fp32, batch {args.device_batch} per process, shift {SAMPLE_SHIFT}):")
+    data.table(["Euler steps", "CFG", "batch per forward", "images/s per process", "images/s total"], rows)
+    from ae import GROUP_CHANNELS, SIZES as AE_SIZES, Decoder  # here, so that importing diffusion.py does not import timm
+    preset = "tiny" if args.size == "tiny" else "full"
+    d = AE_SIZES[preset]
+    decoder = Decoder(C, d["ch"], d["ch_mult"], d["num_res_blocks"], gc=GROUP_CHANNELS).to(device).eval()
+    with torch.no_grad():
+        sec = data.time_steps(lambda i: decoder(from_tokens(noise, args.grid)), 1, args.bench_steps, device)[1]
+    data.print0(f"decode (ae.py's {preset} decoder, random weights, fp32, {args.grid}x{args.grid} -> {16 * args.grid} px): "
+                f"{args.device_batch / sec:.3g} images/s per process, {args.device_batch * world / sec:.3g} total")
+    data.cleanup()
 
 
 @torch.no_grad()
@@ -535,7 +660,8 @@ def parse_args():
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay per step (preset: tiny 0.995, else 0.9999)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="force bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (before the DDP wrap)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (before the DDP wrap); --benchmark times both unless given")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (SPEC 2); --no-flip makes runs comparable sample for sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, the noise and the data order")
@@ -543,11 +669,14 @@ def parse_args():
     p.add_argument("--log-every", type=int, default=None, help="steps between log lines")
     p.add_argument("--sample-every", type=int, default=None, help="steps between EMA preview grids (0: never)")
     p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100/A100 table, CPU guess)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: the datasheet of H100/H200/A100, else a measured matmul)")
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/dit.pt (model, EMA, optimizer, step)")
     p.add_argument("--overwrite", action="store_true", help="start a new run even though OUT_DIR/dit.pt exists")
     p.add_argument("--convert-official", default=None, metavar="OFFICIAL.pt", help="convert the authors' DiT, then exit")
     p.add_argument("--out", default=None, help="output path of --convert-official")
+    data.add_args(p)
+    p.add_argument("--latent-channels", type=int, default=392, help="--benchmark: latent channels (SPEC 1: 384 + 8)")
+    p.add_argument("--grid", type=int, default=16, help="--benchmark: latent grid side (SPEC 1: 256 px / 16)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="with --convert-official: unpickle any object in the file (it can run code; trusted files only)")
     args = p.parse_args()
@@ -565,17 +694,21 @@ def main():
             raise SystemExit("--convert-official needs --out PATH (and --ae AE_CKPT)")
         data.check_out_file(args.out, (".pt", ".pth"))
         return convert_official_cli(args)
+    if args.benchmark and args.batch_size is None:
+        args.batch_size = 0  # the benchmark's default: one micro-batch per process per step
     preset = PRESETS["tiny" if args.size == "tiny" else "full"]
     for key, value in preset.items():  # --device-batch, when not given, is derived from the world size below
-        if getattr(args, key) is None and key != "device_batch":
+        if getattr(args, key) is None and (key != "device_batch" or args.benchmark):
             setattr(args, key, value)
+    if args.benchmark:  # synthetic data: no --data, no AE, nothing written
+        return benchmark(args, data.setup(args.seed))
     head = head_config(args)
     data.check_data(args.data)
     data.check_out_dir(args.out_dir)
     ckpt_path = os.path.join(args.out_dir, "dit.pt")
     ckpt = data.start_or_resume(ckpt_path, args.resume, args.overwrite, "dit", args.steps)
     run = data.setup(args.seed)
-    device, world, rank = run["device"], run["world_size"], run["rank"]
+    device, world = run["device"], run["world_size"]
     if args.device_batch is None:
         args.device_batch = data.derive_device_batch(args.batch_size, world, preset["device_batch"])
     args.bf16, why = data.choose_bf16(args.bf16, device)
@@ -591,15 +724,11 @@ def main():
                   class_dropout=args.class_dropout, mlp_ratio=4.0, pred=args.pred, **SIZES[args.size], **head)
     if args.sample_shift is None:
         args.sample_shift = "auto" if args.shift == "auto" else SAMPLE_SHIFT
-    shift = resolve_shift(args.shift, config)  # the number; args keep 'auto' for the record
     if ckpt is not None:
         if ckpt["config"] != config:
             raise SystemExit(f"--resume: {ckpt_path} has config {ckpt['config']}, these flags and AE give {config}: "
                              f"pass the same --size, --head, --data and --ae (it was trained on {ckpt['ae']['path']})")
-    raw = DiT(**config).to(device)
-    ema = copy.deepcopy(raw).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    raw, ema, opt = build(config, args, device)
     step = 0
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
@@ -609,9 +738,7 @@ def main():
             group["lr"] = args.lr
         step = ckpt["step"]
         del ckpt
-    model = torch.compile(raw) if args.compile else raw  # compile before DDP; raw keeps clean state-dict keys
-    if run["ddp"]:
-        model = DDP(model, device_ids=[run["local_rank"]] if device.type == "cuda" else None)
+    model = wrap(raw, args.compile, run)
     if args.cache_latents:
         dataset = encode_dataset(ae, dataset, args.cache_latents, args.device_batch, device, run)
     # the data order is a function of (seed, position): a resume continues it exactly, 1 or N processes see the same
@@ -619,52 +746,17 @@ def main():
                            args.device_batch)
     loader = iter(data.make_loader(stream, args.device_batch, shuffle=False, seed=args.seed,
                                    num_workers=0 if args.cache_latents else args.num_workers))
+    batches = latent_batches(loader, None if args.cache_latents else ae, device)
 
     macs = forward_macs(config)
-    peak = args.peak_tflops or default_peak_tflops(device, args.bf16)
+    peak = args.peak_tflops or data.peak_tflops(device, args.bf16)[0]
     data.print0(f"config: {vars(args)}\nmodel {args.size}: {config}, {sum(p.numel() for p in raw.parameters()):,} "
                 f"parameters, {macs / 1e9:.2f} GMACs/image forward; {world} process(es) x {args.device_batch} x {accum} "
-                f"accumulation = {args.batch_size}; peak {peak:.1f} TFLOPs for MFU")
-    T, C = config["grid"] ** 2, config["in_channels"]
+                f"accumulation = {args.batch_size}; peak {peak:.3g} TFLOPs for MFU")
     raw.train()
     t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
     while step < args.steps:
-        # noise, times and label drops of the whole global batch from (seed, step): the same numbers on
-        # 1 or N processes and after a resume; each process takes the rows of its samples in RunOrder's
-        # layout (micro-step m on rank r is chunk m*world + r of the global batch)
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
-        x0_all = torch.randn(args.batch_size, T, C, generator=g, device=device)
-        u_all = draw_u(args.batch_size, args.time_dist, g, device)
-        drop_all = torch.rand(args.batch_size, generator=g, device=device) < config["class_dropout"]
-        step_loss = torch.zeros((), device=device)
-        for m in range(accum):
-            batch, labels = next(loader)
-            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if args.cache_latents:
-                x1 = batch  # (b, T, C), encoded and standardised once by encode_dataset
-            else:
-                # fp32 (TF32 on GPU), not bf16: the latent statistics were computed in fp32, the official code
-                # encodes in fp32/TF32, and official channels with std 0.16 around mean 3.5 show bf16's rounding
-                # once standardised
-                with torch.no_grad():
-                    z = ae.encode(batch)  # (b, C, grid, grid), frozen AE, online as the official code
-                x1 = to_tokens(ae.standardize(z.float()))  # (b, T, C), per-channel standardised (SPEC 1)
-            rows = torch.arange(len(labels), device=device) + (m * world + rank) * args.device_batch
-            y = torch.where(drop_all[rows], config["num_classes"], labels)  # label dropout -> null class
-            sync = model.no_sync() if run["ddp"] and m < accum - 1 else nullcontext()  # all-reduce once per step
-            with sync:
-                with data.autocast(device, args.bf16):
-                    loss = flow_loss(model, x1, y, shift, x0=x0_all[rows], u=u_all[rows], pred=config["pred"])
-                (loss / accum).backward()
-            step_loss += loss.detach() / accum
-        norm = torch.nn.utils.get_total_norm([p.grad for p in raw.parameters() if p.grad is not None])
-        data.stop_if_nonfinite(step + 1, {"loss": step_loss, "grad norm": norm}, ckpt_path)  # one sync per step
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(raw.parameters(), args.clip_grad, norm)
-        loss_log += step_loss
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, raw, args.ema_decay)
+        loss_log += train_step(model, raw, ema, opt, batches, step, args, run)
         step += 1
 
         if step % args.log_every == 0 or step == args.steps:
