@@ -296,7 +296,8 @@ def test_bad_cli_input_is_one_clear_line(monkeypatch, tmp_path, capsys):
     assert "not found" in main_error(monkeypatch, "--resume", "--out-dir", str(tmp_path / "empty"))
     assert "multiple of 16" in main_error(monkeypatch, "--image-size", "70")
     assert "multiple of" in main_error(monkeypatch, "--batch-size", "5", "--device-batch", "2")
-    assert "--lpips-weights random" in main_error(monkeypatch, "--encoder-weights", "random")  # offline VGG16
+    assert "--lpips-weights random" in main_error(monkeypatch, "--encoder-weights", "random",  # offline VGG16
+                                                  "--perceptual-weight", "1")  # the tiny preset trains with L1 alone
     assert "RANDOM weights" in capsys.readouterr().out  # announced loudly
     assert "not found" in main_error(monkeypatch, "--compute-stats", str(tmp_path / "nope.pt"))
 
