@@ -673,7 +673,7 @@ def parse_args():
     for k, v in SIZES[args.size].items():  # --device-batch, when not given, is derived from the world size in main
         if k in vars(args) and getattr(args, k) is None and (k != "device_batch" or args.benchmark):
             setattr(args, k, v)
-    data.check_args(args, at_least=dict(steps=1, batch_size=1, device_batch=1, image_size=16, log_every=1, eval_every=1,
+    data.check_args(args, at_least=dict(steps=1, batch_size=0 if args.benchmark else 1, device_batch=1, image_size=16, log_every=1, eval_every=1,
                                         sample_every=1, save_every=1, eval_images=1, stats_images=0, disc_start=0,
                                         num_workers=0, mask_ratio=0, dropout=0, decoder_noise=0, perceptual_weight=0),
                     at_most=dict(mask_ratio=1, dropout=1), positive=("lr",))

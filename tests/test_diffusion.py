@@ -465,7 +465,7 @@ def test_divergence_stops_and_a_new_run_never_replaces_a_checkpoint(tiny_ae_ckpt
 
 def test_lr_flag_applies_on_resume(tiny_ae_ckpt, tiny_dit_ckpt, tmp_path, monkeypatch, capsys):
     shutil.copy(tiny_dit_ckpt, tmp_path / "dit.pt")
-    assert load(tmp_path / "dit.pt")["opt"]["param_groups"][0]["lr"] == 1e-4
+    assert load(tmp_path / "dit.pt")["opt"]["param_groups"][0]["lr"] == diffusion.PRESETS["tiny"]["lr"]
     log = main_run(monkeypatch, capsys, *TINY_DIT_FLAGS, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path),
                    "--sample-every", "0", "--resume", "--steps", "5", "--lr", "3e-4")
     assert "step 5 | loss" in log and "lr 3.00e-04" in log
