@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFile
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent", "arrow", "heart")
@@ -416,6 +417,36 @@ def shard(num, batch_size, rank, world_size):
     num_batches = -(-num // batch_size)
     first, last = (num_batches * r // world_size for r in (rank, rank + 1))
     return min(num, first * batch_size), min(num, last * batch_size)
+
+
+@torch.no_grad()
+def encode_once(fn, dataset, num, batch, device, run, desc):
+    """The first `num` training images through `fn` (images -> a tuple of tensors) once, in the held-out transform
+    (no flips), as a TensorDataset of fn's outputs and the labels: ae.py's --cache-features and diffusion.py's
+    --cache-latents, so that a CPU run does not pay for the frozen encoder on every step. Each process encodes a
+    share; all get the whole set in order."""
+    for attr in ("flip", "train"):  # Shapes flips; folders in train mode crop and flip at random
+        if hasattr(dataset, attr):
+            setattr(dataset, attr, False)
+    num = min(num, len(dataset))
+    start, stop = shard(num, batch, run["rank"], run["world_size"])
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(start, stop)), batch_size=batch,
+                        num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)))
+    outs = [[*(t.float().cpu() for t in fn(images.to(device))), y] for images, y in tqdm(loader, desc=desc, disable=not run["master"])]
+    outs = [torch.cat(parts) for parts in zip(*outs)]
+    if run["ddp"]:  # shares are cut at whole batches: gathering the padded shares and trimming restores the order
+        sizes = [shard(num, batch, r, run["world_size"]) for r in range(run["world_size"])]
+        longest = max(b - a for a, b in sizes)
+        gathered = []
+        for x in outs:
+            padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])]).to(device)
+            parts = [torch.empty_like(padded) for _ in sizes]
+            dist.all_gather(parts, padded)
+            gathered.append(torch.cat([part[:b - a].cpu() for part, (a, b) in zip(parts, sizes)]))
+        outs = gathered
+    cached = torch.utils.data.TensorDataset(*outs)
+    cached.skipped = dataset.skipped  # the training log reports the encoded set's unreadable files
+    return cached
 
 
 def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, num_workers=None):

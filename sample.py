@@ -12,7 +12,6 @@ Samples for fid.py (uint8 NHWC `arr_0`, `labels`, and the sampler settings), cla
 The released weights, once converted (README): python sample.py --ae svg_ae.pt --ckpt svg_xl.pt --steps 5
 """
 import argparse
-import math
 import os
 
 import numpy as np

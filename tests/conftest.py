@@ -26,7 +26,8 @@ def torchrun(nproc, *args, timeout=900):
 # Flags for a tiny, offline autoencoder run: random encoder and LPIPS trunk (no downloads), few steps, few images.
 TINY_AE_FLAGS = ("--size", "tiny", "--encoder-weights", "random", "--lpips-weights", "random", "--steps", "16",
                  "--batch-size", "4", "--device-batch", "4", "--eval-every", "8", "--eval-images", "16",
-                 "--stats-images", "32", "--num-workers", "0", "--log-every", "4", "--perceptual-weight", "0")
+                 "--stats-images", "32", "--num-workers", "0", "--log-every", "4", "--perceptual-weight", "0",
+                 "--cache-features", "32")
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,14 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import ae
 import data
-from conftest import ROOT, TINY_AE_FLAGS, run, torchrun
+from conftest import ROOT, run, torchrun
 
 DINO = "vit_small_plus_patch16_dinov3_qkvb"
 # 4 steps of global batch 2 as 2 micro-batches of 1 at 32 px; the GAN switches on at step 2; a checkpoint at step 2
 SMALL = ("ae.py", "--size", "tiny", "--encoder-weights", "random", "--lpips-weights", "random", "--steps", "4",
          "--image-size", "32", "--batch-size", "2", "--device-batch", "1", "--disc-start", "2", "--eval-every", "2",
-         "--eval-images", "2", "--stats-images", "2", "--num-workers", "0", "--log-every", "1", "--save-every", "2")
+         "--eval-images", "2", "--stats-images", "2", "--num-workers", "0", "--log-every", "1", "--save-every", "2",
+         "--cache-features", "0")  # every batch through the frozen encoder, as the full preset (conftest's run caches)
 
 
 def images(n, size=64):
@@ -477,3 +478,32 @@ def test_foreign_checkpoints_load_as_data(monkeypatch, tmp_path, capsys):
     trusted = data.load_foreign(str(tmp_path / "other.ckpt"), "official checkpoint", trust=True)
     assert trusted["hyper_parameters"]["ratio"] == fractions.Fraction(1, 3)
     assert "runs any code the file holds" in capsys.readouterr().out
+
+
+def test_decoders_by_config():
+    """The tiny preset's ViT decoder (RAE's) maps each 4x4 latent to 64 px; a config without `decoder` (checkpoints from
+    before issue 8, the converted official model) builds the conv decoder, official GroupNorm(32, c) included."""
+    vit = ae.build_decoder(dict(decoder="vit", image_size=64, decoder_depth=1, decoder_width=64, decoder_heads=4), 392)
+    assert isinstance(vit, ae.ViTDecoder) and vit(torch.randn(2, 392, 4, 4)).shape == (2, 3, 64, 64)
+    z = torch.zeros(1, 392, 4, 4)
+    z[0, :, 1, 2] = 1  # tokens enter in raster order and leave as their own patch: with no blocks, only patch (1, 2) moves
+    vit0 = ae.build_decoder(dict(decoder="vit", image_size=64, decoder_depth=0, decoder_width=64, decoder_heads=4), 392)
+    moved = (vit0(z) - vit0(torch.zeros_like(z))).abs().sum((0, 1)) > 0
+    assert moved[16:32, 32:48].all() and moved.sum() == 256
+    old = dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=0)
+    conv = ae.build_decoder(old, 392)
+    assert isinstance(conv, ae.Decoder) and conv.norm_out.num_groups == 32  # 32 channels: one per group, as official
+    assert ae.build_decoder(dict(old, decoder="conv", group_channels=4), 392).norm_out.num_groups == 8
+
+
+def test_cached_frozen_features_encode_the_same():
+    """--cache-features hands encode() the frozen encoder's tokens computed once; the latent must not change."""
+    torch.manual_seed(0)
+    cfg = dict(encoder=DINO, image_size=32, residual=True, depth=1, width=32, num_heads=2, dropout=0.0, mask_ratio=0.0,
+               decoder="vit", decoder_depth=1, decoder_width=32, decoder_heads=2, batch_stats=False, decoder_noise=0.0)
+    model = ae.SVGAutoencoder(cfg, "random").eval()
+    x = images(3, 32)
+    h = model.frozen_features(x)
+    assert h.shape == (3, 4, 384)
+    torch.testing.assert_close(model.encode(x, h), model.encode(x), rtol=0, atol=0)
+    assert not torch.equal(model.encode(x, h.roll(1, 0)), model.encode(x))  # the cached tokens are what it uses

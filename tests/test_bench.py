@@ -55,7 +55,7 @@ def test_diffusion_benchmark_two_processes():
     assert header[:3] == ["Euler steps", "CFG", "batch per forward"] and len(tables(log)) == 2
     assert [r[:3] for r in rows] == [["5", "off", "2"], ["5", "4", "4"], ["25", "off", "2"], ["25", "4", "4"]]
     assert all(number(r[4]) == pytest.approx(2 * number(r[3]), rel=0.01) for r in rows)
-    assert re.search(r"decode \(ae.py's tiny decoder.*2x2 -> 32 px\): [\d.]+ images/s per process", log)
+    assert re.search(r"decode \(ae.py's tiny vit decoder.*2x2 -> 32 px\): [\d.]+ images/s per process", log)
 
 
 def test_ae_benchmark_table():

@@ -228,6 +228,11 @@ def test_ckpt_generation_two_processes_equal_one(tiny_dit_ckpt, classifier, tmp_
     accuracy = [[ln for ln in out.splitlines() if ln.startswith("class accuracy ")] for out in (one, two)]
     assert accuracy[0] and accuracy[0] == accuracy[1] and "of 6 samples" in accuracy[0][0]
     np.testing.assert_allclose(np.load(tmp_path / "one.npz")["pool"], np.load(tmp_path / "two.npz")["pool"], atol=1e-4)
+    # the floor printed beside it is the FID of as many built-in training images against the same reference
+    floors = [[ln for ln in out.splitlines() if ln.startswith("FID floor ")] for out in (one, two)]
+    real = run("fid.py", "shapes:train", "shapes", "--num", "6", "--image-size", "64", "--inception", WEIGHTS)
+    fid_real = next(ln for ln in real.splitlines() if ln.startswith("FID ")).split()[1]
+    assert floors[0] and floors[0] == floors[1] and floors[0][0].split()[2] == fid_real + ":", (floors, fid_real)
 
 
 def test_ae_reconstruction_metrics(tiny_ae_ckpt):
@@ -250,3 +255,42 @@ def test_different_resolutions_are_named_and_warned(tmp_path, monkeypatch, capsy
         fid.main()
     assert "fid: warning: A is 32x32 and B is 48x48" in capsys.readouterr().out
     assert "images 32x32" in fid.open_source(str(tmp_path / "a.npz"))["info"]  # the report prints each resolution
+
+
+def test_linear_probe_finds_classes_and_not_shuffled_labels(classifier):
+    """The probe beats chance on built-in data whose features carry the classes, and equals chance on shuffled labels.
+    The stand-in encoder is the class-accuracy CNN's last feature map: the tiny AE's random-weight encoder carries no
+    class (its probe is at chance, README)."""
+    cnn = fid.load_shapes_classifier(classifier, 64)
+
+    class CNNFeatures:  # what pooled_latents uses of an autoencoder
+        latent_channels = 64
+        encode = staticmethod(lambda x: cnn[:-3](fid.classifier_input(x)))  # (B, 64, 8, 8)
+    x, y = fid.pooled_latents(CNNFeatures, data.Shapes("train", 64, length=4400), list(range(4000, 4400)), 100, "cpu")
+    x_test, y_test = fid.pooled_latents(CNNFeatures, data.Shapes("val", 64, length=800), list(range(500, 800)), 100, "cpu")
+    x, y, x_test, y_test = map(torch.from_numpy, (x, y, x_test, y_test))
+    found = fid.linear_probe(x, y, x_test, y_test, 10)
+    assert found["logistic"][0] >= 0.5 and found["ridge"][0] >= 0.4, found  # chance: 0.1
+    shuffled = fid.linear_probe(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], x_test, y_test, 10)
+    assert abs(shuffled["logistic"][0] - 0.1) <= 0.08 and abs(shuffled["ridge"][0] - 0.1) <= 0.08, shuffled
+
+
+def test_probe_cli_on_builtin_data_and_a_folder(tiny_ae_ckpt, tmp_path):
+    """--probe prints its protocol and one top-1 line per part of the latent, on shapes and on an ImageNet-layout
+    folder (split at random); a folder without classes is refused in one line."""
+    out = run("fid.py", "--probe", tiny_ae_ckpt, "--num", "40", "--batch-size", "20")
+    assert "built-in data: train split / val split: 40 training images (8 of them held out" in out
+    assert "20 test images, 10 classes" in out and "L-BFGS" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("linear probe top-1 ")]
+    assert [ln.split(":")[0] for ln in lines] == ["linear probe top-1 whole latent (392 ch)",
+                                                 "linear probe top-1 encoder part (384 ch)",
+                                                 "linear probe top-1 residual part (8 ch)"], lines
+    assert all(len(re.findall(r" (\d+\.\d\d)% ", ln + " ")) == 2 for ln in lines), lines  # logistic and ridge
+    images = shapes_uint8("val", 100)
+    for i in [i for i in range(100) if i % 10 < 3]:  # 3 classes, 10 images each
+        os.makedirs(tmp_path / "folder" / data.SHAPE_CLASSES[i % 10], exist_ok=True)
+        Image.fromarray(images[i]).save(tmp_path / "folder" / data.SHAPE_CLASSES[i % 10] / f"{i}.png")
+    out = run("fid.py", "--probe", tiny_ae_ckpt, "--data", str(tmp_path / "folder"), "--batch-size", "8")
+    assert "split at random (seed 0): 24 training images" in out and "6 test images, 3 classes" in out
+    assert len([ln for ln in out.splitlines() if ln.startswith("linear probe top-1 ")]) == 3
+    assert "needs labelled data" in fails("--probe", tiny_ae_ckpt, "--data", str(tmp_path / "folder" / "circle"))
