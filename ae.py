@@ -36,7 +36,7 @@ SIZES = {
     # a laptop CPU in minutes (issue 8): 64 px (4x4 latent), 2-block residual ViT, and
     # - RAE's ViT decoder (2 blocks, width 256): on the cached frozen features it reached 21.7 dB and a 36% shape
     #   classifier after 8,000 images, where the conv decoder (32 channels, one ResBlock per level; --decoder conv)
-    #   had 18.8 dB and 20% after 4,000 and cost 4x the time per image;
+    #   had 18.8 dB and 20% after 4,000 and cost 7x the time per image;
     # - the frozen encoder's features of 6,000 images computed once (--cache-features): the encoder is then paid once
     #   per image, not once per step, and the run sees ~10 epochs of them;
     # - L1 only (perceptual_weight 0, the GAN never starts): at 64 px VGG-LPIPS makes a step 3.2x slower and the GAN

@@ -549,10 +549,13 @@ def reconstruction(args, net, device):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(start, stop)), batch_size=args.batch_size,
                                          num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
     pools, recs, scores = [np.zeros((0, 2048), np.float32)], [np.zeros((0, 2048), np.float32)], [np.zeros((0, 3))]
+    judge = load_shapes_classifier(args.classifier or f"out/shapes_classifier_{ae.image_size}px.pt", ae.image_size, device) \
+        if args.data == "shapes" else None  # built-in data: how often the reconstruction still shows its class
+    hits = [np.zeros(0, bool)]
     data.print0(f"fid: {n} held-out images of {args.data} to reconstruct and score" +
                 ("" if args.num else " (all of them; --num N for fewer)"))
     t0 = time.time()
-    for x, _ in tqdm(loader, desc="reconstructions", disable=int(os.environ.get("RANK", 0)) != 0):
+    for x, y in tqdm(loader, desc="reconstructions", disable=int(os.environ.get("RANK", 0)) != 0):
         if len(pools) == 2:  # one batch done: a measured estimate for the whole run, while it can still be cut short
             data.print0(f"fid: the first batch took {time.time() - t0:.1f} s: about "
                         f"{(time.time() - t0) / len(pools[1]) * (stop - start) / 60:.1f} min for {stop - start} images "
@@ -565,12 +568,16 @@ def reconstruction(args, net, device):
         xs, rs = xf / 127.5 - 1, rf / 127.5 - 1  # back to [-1, 1], as ae.py's psnr and LPIPS take them
         lp = lpips_net(rs.float(), xs.float()).flatten().double() if lpips_net else xs[:, 0, 0, 0] * float("nan")
         scores.append(torch.stack([psnr(rs, xs), ssim(rf, xf), lp], 1).cpu().numpy())
-    orig, rec, scores = gather(pools), gather(recs), gather(scores).mean(0)
+        if judge is not None:
+            hits.append(classify(judge, r8) == y.numpy())
+    orig, rec, scores, hits = gather(pools), gather(recs), gather(scores).mean(0), gather(hits)
     stats = [(p.mean(0, dtype=np.float64), np.cov(p, rowvar=False)) for p in (orig, rec)]
     data.print0(f"fid: {n} held-out images of {args.data} at {ae.image_size}px through {args.ae}; Inception: {net.weights}")
     no_lpips = f"LPIPS n/a (offline: put vgg16-397923af.pth in {torch.hub.get_dir()}/checkpoints)"
     data.print0(f"rFID {frechet_distance(*stats[0], *stats[1]):.3f}  PSNR {scores[0]:.2f}  SSIM {scores[1]:.4f}  "
                 + (f"LPIPS {scores[2]:.4f}" if lpips_net else no_lpips))
+    if judge is not None:  # the ceiling for the class accuracy of samples decoded by this AE
+        data.print0(f"class accuracy of the reconstructions {100 * hits.mean():.1f}% (chance 10%; classifier {judge.info})")
 
 
 # -----------------------------------------------------------------------------

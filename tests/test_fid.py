@@ -235,8 +235,10 @@ def test_ckpt_generation_two_processes_equal_one(tiny_dit_ckpt, classifier, tmp_
     assert floors[0] and floors[0] == floors[1] and floors[0][0].split()[2] == fid_real + ":", (floors, fid_real)
 
 
-def test_ae_reconstruction_metrics(tiny_ae_ckpt):
-    out = run("fid.py", "--ae", tiny_ae_ckpt, "--num", "6", "--batch-size", "3", "--inception", WEIGHTS)
+def test_ae_reconstruction_metrics(tiny_ae_ckpt, classifier):
+    out = run("fid.py", "--ae", tiny_ae_ckpt, "--num", "6", "--batch-size", "3", "--inception", WEIGHTS,
+              "--classifier", classifier)
+    assert re.search(r"class accuracy of the reconstructions \d+\.\d% \(chance 10%; classifier ", out), out[-2000:]
     line = next(ln for ln in out.splitlines() if ln.startswith("rFID "))
     values = dict(zip(line.split()[0:6:2], map(float, line.split()[1:6:2])))
     assert values["rFID"] > 0 and 3 < values["PSNR"] < 60 and -1 < values["SSIM"] <= 1, line
