@@ -768,7 +768,7 @@ def main():
     if b is not None:
         b = statistics(net, b, args.batch_size, "B")
         floor = None  # built-in samples: the same score for real training images, the best a generator can expect
-        if "labels" in a and args.sources[-1].split(":")[0] == "shapes" and not args.sources[0].startswith("shapes"):
+        if "labels" in a and args.sources[-1].split(":")[0] == "shapes":  # labels: A holds samples, not data
             floor = statistics(net, open_source("shapes:train", b["n"], size), args.batch_size, "floor")
         if run["master"]:
             report(net, a, b, floor=floor)
