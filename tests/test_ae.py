@@ -104,6 +104,20 @@ def test_killed_run_resumes_exactly(reference_run, tmp_path):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
+def test_cached_features_run_resumes_exactly(tmp_path):
+    """The tiny preset's path (--cache-features): stopping at step 2 and resuming to 4 gives the uninterrupted run."""
+    cached = (*SMALL[:-2], "--cache-features", "6")  # fewer images than the run draws: it cycles through them
+    run(*cached, "--out-dir", str(tmp_path / "straight"))
+    run(*cached, "--out-dir", str(tmp_path / "stopped"), "--steps", "2")
+    log = run(*cached, "--out-dir", str(tmp_path / "stopped"), "--resume")
+    assert "resumed from step 2" in log
+    a, b = (torch.load(tmp_path / d / "ae.pt", weights_only=True) for d in ("straight", "stopped"))
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "disc"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k} differs after resume"
+
+
 def test_ddp_two_processes_match_one(reference_run, tmp_path):
     torchrun(2, *SMALL, "--out-dir", str(tmp_path))
     two = torch.load(tmp_path / "ae.pt", weights_only=True)
