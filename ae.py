@@ -164,7 +164,7 @@ class ViTDecoder(nn.Module):
 
     def __init__(self, z_channels, grid, depth, width, num_heads, mlp_ratio=4):
         super().__init__()
-        self.grid, self.embed = grid, nn.Linear(z_channels, width)
+        self.embed = nn.Linear(z_channels, width)
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
         self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio, 0.0) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(width, eps=1e-6), nn.Linear(width, 16 * 16 * 3)
