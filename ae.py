@@ -319,9 +319,11 @@ class SVGAutoencoder(nn.Module):
     def normalize(self, images):  # [-1, 1] -> the encoder's input normalisation
         return ((images + 1) / 2 - self.in_mean) / self.in_std
 
-    @torch.no_grad()
     def frozen_features(self, images):  # (B, 3, H, W) in [-1, 1] -> (B, N, D), the frozen encoder's final-normed tokens
-        x = self.normalize(images)
+        return self.encoder_tokens(self.normalize(images))
+
+    @torch.no_grad()
+    def encoder_tokens(self, x):  # normalised images -> (B, N, D)
         H, W = x.shape[2:]
         if self.encoder.patch_embed.patch_size[0] != 16:  # e.g. DINOv2/14: same token grid as the decoder expects
             p = self.encoder.patch_embed.patch_size[0]
@@ -332,7 +334,7 @@ class SVGAutoencoder(nn.Module):
         """`features`: frozen_features(images) when already known (ae.py's --cache-features)."""
         B, _, H, W = images.shape
         x = self.normalize(images)
-        h = self.frozen_features(images) if features is None else features.float()  # (B, N, D)
+        h = self.encoder_tokens(x) if features is None else features.float()  # (B, N, D)
         if self.residual:
             r = self.residual_vit(x).float()  # (B, N, 8)
             if self.training and self.config["mask_ratio"] > 0:  # per-sample residual dropout (SPEC 1)

@@ -19,6 +19,16 @@ def run(*args, env=None, timeout=900):
     return proc.stdout + proc.stderr
 
 
+def script_error(script, monkeypatch, *argv):
+    """`script.main()` with argv must stop with one clear line (returned)."""
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) > 20, msg
+    return msg
+
+
 def torchrun(nproc, *args, timeout=900):
     return run("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args, timeout=timeout)
 

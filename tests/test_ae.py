@@ -17,7 +17,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import ae
 import data
-from conftest import ROOT, run, torchrun
+from conftest import ROOT, run, script_error, torchrun
 
 DINO = "vit_small_plus_patch16_dinov3_qkvb"
 # 4 steps of global batch 2 as 2 micro-batches of 1 at 32 px; the GAN switches on at step 2; a checkpoint at step 2
@@ -295,12 +295,7 @@ def test_no_residual_and_decoder_noise():
 
 
 def main_error(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["ae.py", *argv])
-    with pytest.raises(SystemExit) as e:
-        ae.main()
-    msg = str(e.value)
-    assert "\n" not in msg and len(msg) > 20, msg
-    return msg
+    return script_error(ae, monkeypatch, *argv)
 
 
 def test_bad_cli_input_is_one_clear_line(monkeypatch, tmp_path, capsys):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_DIT_FLAGS, run, torchrun
+from conftest import TINY_DIT_FLAGS, run, script_error, torchrun
 from PIL import Image
 
 import data
@@ -420,12 +420,7 @@ def main_run(monkeypatch, capsys, *argv):
 
 
 def main_error(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["diffusion.py", *argv])
-    with pytest.raises(SystemExit) as e:
-        diffusion.main()
-    msg = str(e.value)
-    assert "\n" not in msg and len(msg) > 20, msg
-    return msg
+    return script_error(diffusion, monkeypatch, *argv)
 
 
 @pytest.mark.parametrize("argv,expected", [
