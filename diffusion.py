@@ -669,6 +669,7 @@ def main():
             setattr(args, key, value)
     if args.benchmark:  # synthetic data: no --data, no AE, nothing written
         return benchmark(args, data.setup(args.seed))
+    del args.grid, args.latent_channels  # --benchmark's synthetic latent: a run's comes from its AE (config below)
     head = head_config(args)
     data.check_data(args.data)
     data.check_out_dir(args.out_dir)
