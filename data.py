@@ -16,6 +16,7 @@ import argparse
 import errno
 import gc
 import math
+import operator
 import os
 import pickle
 import re
@@ -51,43 +52,38 @@ def _rotate(points, cx, cy, angle):
     return [(cx + c * (x - cx) - s * (y - cy), cy + s * (x - cx) + c * (y - cy)) for x, y in points]
 
 
+POLYGONS = {"square": (4, None), "triangle": (3, None), "star": (5, 0.45), "hexagon": (6, None)}  # (n, inner)
+
+
 def draw_shape(draw, label, cx, cy, r, angle, fill, back):
     """Draw class `label` of SHAPE_CLASSES; `back` is used to cut holes (ring, crescent)."""
-    box = [cx - r, cy - r, cx + r, cy + r]
+    def disc(x, y, radius, color):
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color)
+
+    def rotated(pts):
+        draw.polygon(_rotate(pts, cx, cy, angle), fill=fill)
+
     name = SHAPE_CLASSES[label]
-    if name == "circle":
-        draw.ellipse(box, fill=fill)
-    elif name == "square":
-        draw.polygon(_polygon(cx, cy, r, 4, angle), fill=fill)
-    elif name == "triangle":
-        draw.polygon(_polygon(cx, cy, r, 3, angle), fill=fill)
-    elif name == "star":
-        draw.polygon(_polygon(cx, cy, r, 5, angle, inner=0.45), fill=fill)
-    elif name == "hexagon":
-        draw.polygon(_polygon(cx, cy, r, 6, angle), fill=fill)
+    if name in POLYGONS:
+        draw.polygon(_polygon(cx, cy, r, POLYGONS[name][0], angle, inner=POLYGONS[name][1]), fill=fill)
+    elif name in ("circle", "ring", "crescent"):
+        disc(cx, cy, r, fill)
+        if name == "ring":
+            disc(cx, cy, 0.55 * r, back)
+        elif name == "crescent":
+            disc(cx + 0.45 * r * math.cos(angle), cy + 0.45 * r * math.sin(angle), 0.85 * r, back)
     elif name == "cross":
         w = r * 0.35
-        for pts in ([(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
-                    [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)]):
-            draw.polygon(_rotate(pts, cx, cy, angle), fill=fill)
-    elif name == "ring":
-        draw.ellipse(box, fill=fill)
-        draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=back)
-    elif name == "crescent":
-        draw.ellipse(box, fill=fill)
-        ox, oy = cx + 0.45 * r * math.cos(angle), cy + 0.45 * r * math.sin(angle)
-        draw.ellipse([ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r], fill=back)
+        for a, b in ((r, w), (w, r)):  # the horizontal bar, then the vertical one
+            rotated([(cx - a, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx - a, cy + b)])
     elif name == "arrow":
-        pts = [(cx - r, cy - 0.25 * r), (cx + 0.1 * r, cy - 0.25 * r), (cx + 0.1 * r, cy - 0.7 * r), (cx + r, cy),
-               (cx + 0.1 * r, cy + 0.7 * r), (cx + 0.1 * r, cy + 0.25 * r), (cx - r, cy + 0.25 * r)]
-        draw.polygon(_rotate(pts, cx, cy, angle), fill=fill)
+        rotated([(cx - r, cy - 0.25 * r), (cx + 0.1 * r, cy - 0.25 * r), (cx + 0.1 * r, cy - 0.7 * r), (cx + r, cy),
+                 (cx + 0.1 * r, cy + 0.7 * r), (cx + 0.1 * r, cy + 0.25 * r), (cx - r, cy + 0.25 * r)])
     elif name == "heart":
         lobe = 0.5 * r
-        pts = [(cx - r, cy - 0.1 * r), (cx, cy + r), (cx + r, cy - 0.1 * r), (cx, cy - 0.3 * r)]
-        draw.polygon(_rotate(pts, cx, cy, angle), fill=fill)
+        rotated([(cx - r, cy - 0.1 * r), (cx, cy + r), (cx + r, cy - 0.1 * r), (cx, cy - 0.3 * r)])
         for sx in (-1, 1):
-            lx, ly = _rotate([(cx + sx * lobe, cy - 0.35 * r)], cx, cy, angle)[0]
-            draw.ellipse([lx - lobe * 1.05, ly - lobe * 1.05, lx + lobe * 1.05, ly + lobe * 1.05], fill=fill)
+            disc(*_rotate([(cx + sx * lobe, cy - 0.35 * r)], cx, cy, angle)[0], lobe * 1.05, fill)
 
 
 def render_shape(label, size, rng):
@@ -219,23 +215,18 @@ class ImageFolder(Dataset):
         is_dir = {e.path: _is_dir(e) for e in entries}
         classes = [e.name for e in entries if is_dir[e.path] and not e.name.startswith(".")]
         if classes:
-            self.files = [(os.path.join(dp, f), i) for i, c in enumerate(classes)
-                          for dp, _, fs in sorted(os.walk(os.path.join(root, c))) for f in sorted(fs)]
+            files = [(os.path.join(dp, f), i) for i, c in enumerate(classes)
+                     for dp, _, fs in sorted(os.walk(os.path.join(root, c))) for f in sorted(fs)]
         else:  # every other entry is a candidate: one that cannot be read is skipped and counted
-            self.files = [(e.path, 0) for e in entries if not is_dir[e.path]]
+            files = [(e.path, 0) for e in entries if not is_dir[e.path]]
         self.classes = classes or ["(unlabelled)"]
         self.num_classes = len(self.classes)
-        n_all = len(self.files)
-        self.files = [(p, y) for p, y in self.files if p.lower().endswith(IMAGE_EXTENSIONS)]
+        self.files = [(p, y) for p, y in files if p.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.files:
             raise SystemExit(f"data: no image files ({', '.join(IMAGE_EXTENSIONS)}) in '{root}'")
         self.size, self.stage, self.train = size, stage, train
-        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self.skipped += n_all - len(self.files)  # files with other extensions count as skipped too
-        for path, _ in self.files:  # fail at start, not mid-run, when nothing at all can be read
-            if self._load(path) is not None:
-                break
-        else:
+        self.skipped = torch.tensor([len(files) - len(self.files)]).share_memory_()  # other extensions count as skipped
+        if all(self._load(path) is None for path, _ in self.files):  # fail at start, not mid-run
             raise SystemExit(f"data: none of the {len(self.files)} image files in '{root}' can be read")
 
     def __len__(self):
@@ -283,14 +274,12 @@ def setup(seed=0):
     Returns a dict: ddp, rank, local_rank, world_size, device, master."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if ddp and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif ddp:
-        device = torch.device("cpu")
-    else:
+    if not ddp:
         device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    if ddp:
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: what the paper's "fp32" runs used
     torch.backends.cudnn.allow_tf32 = True
@@ -358,15 +347,12 @@ def check_args(args, at_least=None, at_most=None, positive=()):
     for name, value in vars(args).items():
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise SystemExit(f"{flag(name)} must be a finite number (got {value})")
-    for name, low in (at_least or {}).items():
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise SystemExit(f"{flag(name)} must be at least {low} (got {getattr(args, name)})")
-    for name, high in (at_most or {}).items():
-        if getattr(args, name) is not None and getattr(args, name) > high:
-            raise SystemExit(f"{flag(name)} must be at most {high} (got {getattr(args, name)})")
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise SystemExit(f"{flag(name)} must be positive (got {getattr(args, name)})")
+    for bounds, fails, rule in ((at_least, operator.lt, "at least {}"), (at_most, operator.gt, "at most {}"),
+                                (dict.fromkeys(positive, 0), operator.le, "positive")):
+        for name, bound in (bounds or {}).items():
+            value = getattr(args, name)
+            if value is not None and fails(value, bound):
+                raise SystemExit(f"{flag(name)} must be {rule.format(bound)} (got {value})")
 
 
 def check_out_dir(path, flag="--out-dir"):
@@ -437,13 +423,11 @@ def encode_once(fn, dataset, num, batch, device, run, desc):
     if run["ddp"]:  # shares are cut at whole batches: gathering the padded shares and trimming restores the order
         sizes = [shard(num, batch, r, run["world_size"]) for r in range(run["world_size"])]
         longest = max(b - a for a, b in sizes)
-        gathered = []
-        for x in outs:
+        for i, x in enumerate(outs):
             padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])]).to(device)
             parts = [torch.empty_like(padded) for _ in sizes]
             dist.all_gather(parts, padded)
-            gathered.append(torch.cat([part[:b - a].cpu() for part, (a, b) in zip(parts, sizes)]))
-        outs = gathered
+            outs[i] = torch.cat([part[:b - a].cpu() for part, (a, b) in zip(parts, sizes)])
     cached = torch.utils.data.TensorDataset(*outs)
     cached.skipped = dataset.skipped  # the training log reports the encoded set's unreadable files
     return cached
@@ -456,11 +440,10 @@ def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, num_w
     sampler = None
     if dist.is_available() and dist.is_initialized():
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    generator = torch.Generator().manual_seed(seed)
     if num_workers is None:
         num_workers = min(8, max(0, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
-                      drop_last=drop_last, num_workers=num_workers, generator=generator,
+                      drop_last=drop_last, num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
@@ -508,8 +491,8 @@ def save_checkpoint(obj, path):
     if bad:
         raise SystemExit(f"not saving {path}: {len(bad)} tensors hold NaN or inf (first {bad[0]}); the file on disk "
                          "is kept. Lower --lr or check the data")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     for f in os.listdir(folder):  # leftovers of a killed process (SIGKILL, OOM) would fill the disk over time
         pid = f[len(name) + 4:] if f.startswith(name + ".tmp") else ""
         if pid.isdigit() and not _alive(int(pid)):
@@ -578,15 +561,14 @@ class Opaque:
 # argparse.Namespace; a Lightning checkpoint's `hyper_parameters` may be Lightning's AttributeDict (a dict) or
 # omegaconf containers with their metadata, read here as inert data (the official SVG autoencoder does not even
 # save hyper-parameters). Anything else needs --trust-checkpoint.
-FOREIGN_GLOBALS = [argparse.Namespace, (dict, "builtins.dict"), (list, "builtins.list"),
-                   *[(dict, m + ".AttributeDict") for m in ("lightning.fabric.utilities.data",
-                                                             "lightning_fabric.utilities.data",
-                                                             "pytorch_lightning.utilities.parsing")],
-                   *[(Opaque, "omegaconf." + n) for n in ("dictconfig.DictConfig", "listconfig.ListConfig",
-                                                          "base.Metadata", "base.ContainerMetadata", "nodes.AnyNode",
-                                                          "nodes.StringNode", "nodes.IntegerNode", "nodes.FloatNode",
-                                                          "nodes.BooleanNode")],
-                   *[(Opaque, n) for n in ("typing.Any", "typing.Dict", "typing.List", "collections.defaultdict")]]
+FOREIGN_GLOBALS = [
+    argparse.Namespace, (dict, "builtins.dict"), (list, "builtins.list"),
+    *[(dict, m + ".AttributeDict") for m in ("lightning.fabric.utilities.data", "lightning_fabric.utilities.data",
+                                             "pytorch_lightning.utilities.parsing")],
+    *[(Opaque, "omegaconf." + n) for n in ("dictconfig.DictConfig", "listconfig.ListConfig", "base.Metadata",
+                                           "base.ContainerMetadata", "nodes.AnyNode", "nodes.StringNode",
+                                           "nodes.IntegerNode", "nodes.FloatNode", "nodes.BooleanNode")],
+    *[(Opaque, n) for n in ("typing.Any", "typing.Dict", "typing.List", "collections.defaultdict")]]
 
 
 def load_foreign(path, what, trust=False):
@@ -670,13 +652,7 @@ def matmul_tflops(device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)  # its own generator: the run's random stream stays untouched
     a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
     a @ b  # warm-up
-    best = math.inf
-    for _ in range(2):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
+    best = min(time_steps(lambda i: a @ b, 0, 1, device)[1] for _ in range(2))
     return 2 * n ** 3 / best / 1e12
 
 
@@ -695,13 +671,10 @@ def peak_tflops(device, bf16):
 def modes(bf16, compile, device):
     """(bf16, compile) pairs to time: both precisions where bf16 is native and both compile settings, unless
     --bf16/--no-bf16 or --compile/--no-compile pins one. Returns (modes, a note on what was skipped or '')."""
-    note = ""
+    precisions, note = [bf16], ""
     if bf16 is None:
         native, why = choose_bf16(None, device)
-        precisions = [False, True] if native else [False]
-        note = "" if native else f"bf16 not timed: {why} (force it with --bf16)"
-    else:
-        precisions = [bf16]
+        precisions, note = ([False, True], "") if native else ([False], f"bf16 not timed: {why} (force it with --bf16)")
     return [(p, c) for p in precisions for c in ([False, True] if compile is None else [compile])], note
 
 
@@ -726,12 +699,13 @@ def flash_attention(device, dtype, num_heads, tokens, head_dim):
 
 def fast_paths(device, opt, run):
     """One line: the settings that decide speed besides precision and compile."""
-    fused = bool(opt.defaults.get("fused"))
-    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} CPU threads"
     backend = f"DDP over {dist.get_backend()}, {run['world_size']} processes" if run["ddp"] else "1 process, no DDP"
-    return (f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}) | "
-            f"{backend} | fused {type(opt).__name__} {'on' if fused else 'off'} | TF32 matmuls "
-            f"{'on' if tf32 else 'off' if device.type == 'cuda' else 'n/a (not CUDA)'} | torch.compile wraps the model before DDP")
+    fused = "on" if opt.defaults.get("fused") else "off"
+    tf32 = ("on" if torch.backends.cuda.matmul.allow_tf32 else "off") if cuda else "n/a (not CUDA)"
+    return (f"{device} ({where}) | {backend} | fused {type(opt).__name__} {fused} | TF32 matmuls {tf32} | "
+            "torch.compile wraps the model before DDP")
 
 
 def reset_peak_memory(device):
