@@ -57,6 +57,7 @@ RESIDUAL_DIM = 8  # channels of the residual branch (official extra_vit output_d
 ALIGN_MOMENTUM = 0.1  # running alignment statistics, updated once per optimizer step (BatchNorm's default)
 DISC_WEIGHT = 0.5  # adaptive GAN weight multiplier (SPEC 1, taming's disc_weight)
 GROUP_CHANNELS = 4  # decoder GroupNorm: at least 4 channels per group (Normalize); the full decoder stays GroupNorm(32, c)
+CKPT_PARTS = dict(model="raw", disc="disc_raw", opt="opt", opt_disc="opt_d")  # checkpoint key -> its net in build()
 
 
 # -----------------------------------------------------------------------------
@@ -322,9 +323,8 @@ class SVGAutoencoder(nn.Module):
 
     @torch.no_grad()
     def encoder_tokens(self, x):  # normalised images -> (B, N, D)
-        H, W = x.shape[2:]
-        if self.encoder.patch_embed.patch_size[0] != 16:  # e.g. DINOv2/14: same token grid as the decoder expects
-            p = self.encoder.patch_embed.patch_size[0]
+        p, (H, W) = self.encoder.patch_embed.patch_size[0], x.shape[2:]
+        if p != 16:  # e.g. DINOv2/14: same token grid as the decoder expects
             x = F.interpolate(x, size=(H // 16 * p, W // 16 * p), mode="bicubic", align_corners=False, antialias=True)
         return self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:].float()
 
@@ -438,8 +438,11 @@ def evaluate(nets, images, step, args, history):
     """In eval mode (running alignment statistics, no dropout): held-out PSNR and LPIPS every --eval-every steps, and
     a grid of the first 8 images above their reconstructions every --sample-every steps; both after the last step."""
     model, lpips_net = nets["raw"], nets["lpips"]
+    eval_due, sample_due = (step % every == 0 or step == args.steps for every in (args.eval_every, args.sample_every))
+    if not (eval_due or sample_due):
+        return
     model.eval()
-    if step % args.eval_every == 0 or step == args.steps:
+    if eval_due:
         p, l = [], []
         for x in images.split(args.device_batch):
             y = model(x)
@@ -448,7 +451,7 @@ def evaluate(nets, images, step, args, history):
         p, l = torch.cat(p).mean().item(), torch.cat(l).mean().item()
         history.append(dict(step=step, psnr=p, lpips=l))
         print(f"eval step {step} | held-out psnr {p:.2f} dB | lpips {l:.4f}", flush=True)
-    if step % args.sample_every == 0 or step == args.steps:
+    if sample_due:
         x, y = images[:8].cpu(), model(images[:8]).float().cpu().clamp(-1, 1)
         grid = torch.cat([torch.cat(list(x), -1), torch.cat(list(y), -1)], -2)
         Image.fromarray(data.to_uint8(grid[None])[0].numpy()).save(os.path.join(args.out_dir, f"recon_{step:06d}.png"))
@@ -544,9 +547,6 @@ def model_config(args):
                 rope_bf16_periods=args.encoder_weights != "random")  # Meta's stored periods with pretrained DINOv3
 
 
-CKPT_PARTS = dict(model="raw", disc="disc_raw", opt="opt", opt_disc="opt_d")  # checkpoint key -> its net in build()
-
-
 def build(config, args, ctx, encoder_weights, lpips_weights, ckpt=None):
     """The nets of a run as a dict: raw (the autoencoder), ae (compiled before the DDP wrap), disc_raw / disc, their
     Adam optimizers opt / opt_d, and lpips (None for L1 only); restored from ckpt when given, at the current --lr."""
@@ -557,14 +557,13 @@ def build(config, args, ctx, encoder_weights, lpips_weights, ckpt=None):
     if raw.residual and config["mask_ratio"] == 0:
         raw.mask_token.requires_grad_(False)  # unused: DDP must not wait for its gradient
     params = [p for p in raw.parameters() if p.requires_grad]  # residual ViT, mask token, decoder (not the encoder)
-    fused = device.type == "cuda"  # one kernel per step instead of one per parameter tensor
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9), fused=fused)  # SPEC 1: Adam (0.5, 0.9), no weight decay
-    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
-    nets = dict(raw=raw, disc_raw=disc_raw, opt=opt, opt_d=opt_d)
+    # SPEC 1: Adam (0.5, 0.9), no weight decay; fused on CUDA: one kernel per step instead of one per parameter tensor
+    adam = lambda ps: torch.optim.Adam(ps, lr=args.lr, betas=(0.5, 0.9), fused=device.type == "cuda")  # noqa: E731
+    nets = dict(raw=raw, disc_raw=disc_raw, opt=adam(params), opt_d=adam(disc_raw.parameters()))
     if ckpt:
         for k, name in CKPT_PARTS.items():
             nets[name].load_state_dict(ckpt[k])
-        for group in opt.param_groups + opt_d.param_groups:  # --lr applies to the resumed run
+        for group in nets["opt"].param_groups + nets["opt_d"].param_groups:  # --lr applies to the resumed run
             group["lr"] = args.lr
     lpips_net = build_lpips(lpips_weights).to(device) if args.perceptual_weight > 0 else None  # None: L1 only
     model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
@@ -768,14 +767,13 @@ def recompute_stats(args, ctx):
 
 
 def train(args, ckpt, ctx):
-    """A new run (ckpt None) or a resumed one: build, then the steps with held-out eval, reconstructions, log lines
-    and checkpoints at their cadences, then the latent statistics and the final checkpoint."""
+    """A new run (ckpt None) or a resumed one: build, train with eval, logs and checkpoints, then latent statistics."""
     device, master, world = ctx["device"], ctx["master"], ctx["world_size"]
     path = os.path.join(args.out_dir, "ae.pt")
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
     config = ckpt["config"] if ckpt else model_config(args)
-    train_set, val_set = (data.build_dataset(args.data, config["image_size"], "ae", train=t, seed=args.seed)
-                          for t in (True, False))
+    train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
+    val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
     nets = build(config, args, ctx, None if ckpt else args.encoder_weights, args.lpips_weights, ckpt)
     raw = nets["raw"]
     start, history = (ckpt["step"], ckpt["history"]) if ckpt else (0, [])
@@ -809,10 +807,11 @@ def train(args, ckpt, ctx):
         done += 1
         if master and ((step + 1) % args.log_every == 0 or step == start):
             dt, t0 = time.time() - t0, time.time()
+            mem = data.peak_memory_gib(device)
             skipped = int(train_set.skipped.item())
             print(f"step {step + 1} | l1 {log['l1']:.4f} | lpips {log['lpips']:.4f} | g {log['g']:.4f} | w {log['w']:.3g} | "
-                  f"d {log['d']:.4f} | psnr {log['psnr']:.2f} | {done * args.batch_size / dt:.3g} img/s | "
-                  f"peak mem {data.peak_memory_gib(device):.2f} GB" + (f" | skipped files {skipped}" if skipped else ""), flush=True)
+                  f"d {log['d']:.4f} | psnr {log['psnr']:.2f} | {done * args.batch_size / dt:.3g} img/s | peak mem {mem:.2f} GB"
+                  + (f" | skipped files {skipped}" if skipped else ""), flush=True)
             done = 0
         if master and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1)
