@@ -49,15 +49,15 @@ SIZES = {
     # the paper's (SPEC 1): residual ViT 6 x 384, 8 heads; decoder ch 128 x (1,1,2,2,4), 2 (+1) ResBlocks per level
     # --decoder vit: RAE's ViT-XL decoder (its default for ImageNet 256: width 1152, 28 blocks, 16 heads)
     "full": dict(image_size=256, depth=6, width=384, num_heads=8, decoder="conv", decoder_depth=28, decoder_width=1152,
-                 decoder_heads=16, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                 decoder_heads=16, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, cache_features=0,
                  batch_size=512, device_batch=32, steps=100_000, disc_start=2_500, perceptual_weight=1.0, lr=1e-4,
-                 log_every=50, eval_every=5_000,
-                 sample_every=1_000, save_every=2_000, eval_images=1_000, stats_images=0, cache_features=0),
+                 log_every=50, eval_every=5_000, sample_every=1_000, save_every=2_000, eval_images=1_000, stats_images=0),
 }
 RESIDUAL_DIM = 8  # channels of the residual branch (official extra_vit output_dim)
 ALIGN_MOMENTUM = 0.1  # running alignment statistics, updated once per optimizer step (BatchNorm's default)
 DISC_WEIGHT = 0.5  # adaptive GAN weight multiplier (SPEC 1, taming's disc_weight)
 GROUP_CHANNELS = 4  # decoder GroupNorm: at least 4 channels per group (Normalize); the full decoder stays GroupNorm(32, c)
+CKPT_PARTS = dict(model="raw", disc="disc_raw", opt="opt", opt_disc="opt_d")  # checkpoint key -> its net in build()
 
 
 # -----------------------------------------------------------------------------
@@ -292,13 +292,12 @@ class SVGAutoencoder(nn.Module):
         self.register_buffer("in_mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.residual = config["residual"]
-        C = self.encoder.num_features + (RESIDUAL_DIM if self.residual else 0)
+        self.latent_channels = C = self.encoder.num_features + (RESIDUAL_DIM if self.residual else 0)
         if self.residual:
             self.residual_vit = ResidualViT(config["image_size"], config["depth"], config["width"], config["num_heads"],
                                             dropout=config["dropout"])
             self.mask_token = nn.Parameter(torch.randn(RESIDUAL_DIM) * 0.02)
         self.decoder = build_decoder(config, C)
-        self.latent_channels = C
         # running alignment statistics (mu_h, sigma_h, mu_r, sigma_r), used in eval mode (SPEC 1 "Do better")
         self.register_buffer("align_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_buffer("align_updates", torch.zeros((), dtype=torch.long))
@@ -324,9 +323,8 @@ class SVGAutoencoder(nn.Module):
 
     @torch.no_grad()
     def encoder_tokens(self, x):  # normalised images -> (B, N, D)
-        H, W = x.shape[2:]
-        if self.encoder.patch_embed.patch_size[0] != 16:  # e.g. DINOv2/14: same token grid as the decoder expects
-            p = self.encoder.patch_embed.patch_size[0]
+        p, (H, W) = self.encoder.patch_embed.patch_size[0], x.shape[2:]
+        if p != 16:  # e.g. DINOv2/14: same token grid as the decoder expects
             x = F.interpolate(x, size=(H // 16 * p, W // 16 * p), mode="bicubic", align_corners=False, antialias=True)
         return self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:].float()
 
@@ -436,34 +434,40 @@ def psnr(x, y):  # per image, images in [-1, 1]
 
 
 @torch.no_grad()
-def evaluate(model, images, lpips_net, batch):
-    """Held-out PSNR and LPIPS (eval mode: running alignment statistics, no dropout)."""
+def evaluate(nets, images, step, args, history):
+    """In eval mode (running alignment statistics, no dropout): held-out PSNR and LPIPS every --eval-every steps, and
+    a grid of the first 8 images above their reconstructions every --sample-every steps; both after the last step."""
+    model, lpips_net = nets["raw"], nets["lpips"]
+    eval_due, sample_due = (step % every == 0 or step == args.steps for every in (args.eval_every, args.sample_every))
+    if not (eval_due or sample_due):
+        return
     model.eval()
-    p, l = [], []
-    for x in images.split(batch):
-        y = model(x)
-        p.append(psnr(y, x))
-        l.append(lpips_net(y.clamp(-1, 1), x).flatten() if lpips_net else torch.full((len(x),), float("nan")))
+    if eval_due:
+        p, l = [], []
+        for x in images.split(args.device_batch):
+            y = model(x)
+            p.append(psnr(y, x))
+            l.append(lpips_net(y.clamp(-1, 1), x).flatten() if lpips_net else torch.full((len(x),), float("nan")))
+        p, l = torch.cat(p).mean().item(), torch.cat(l).mean().item()
+        history.append(dict(step=step, psnr=p, lpips=l))
+        print(f"eval step {step} | held-out psnr {p:.2f} dB | lpips {l:.4f}", flush=True)
+    if sample_due:
+        x, y = images[:8].cpu(), model(images[:8]).float().cpu().clamp(-1, 1)
+        grid = torch.cat([torch.cat(list(x), -1), torch.cat(list(y), -1)], -2)
+        Image.fromarray(data.to_uint8(grid[None])[0].numpy()).save(os.path.join(args.out_dir, f"recon_{step:06d}.png"))
     model.train()
-    return torch.cat(p).mean().item(), torch.cat(l).mean().item()
-
-
-def save_grid(inputs, recons, path):
-    """Two rows: inputs above their reconstructions."""
-    grid = torch.cat([torch.cat(list(inputs), -1), torch.cat(list(recons.clamp(-1, 1)), -1)], -2)
-    Image.fromarray(data.to_uint8(grid[None])[0].numpy()).save(path)
 
 
 @torch.no_grad()
-def compute_latent_stats(model, dataset, num_images, batch, device, ctx):
+def compute_latent_stats(model, dataset, num_images, batch, ctx):
     """Per-channel mean and std of the latent over training images x tokens (float64 sums, sharded over ranks)."""
     n = len(dataset) if num_images <= 0 else min(num_images, len(dataset))
     idx = list(range(n))[ctx["rank"]::ctx["world_size"]]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch, num_workers=0)
     model.eval()
-    s = torch.zeros(3, model.latent_channels, dtype=torch.float64, device=device)
+    s = torch.zeros(3, model.latent_channels, dtype=torch.float64, device=ctx["device"])
     for x, _ in tqdm(loader, desc="latent statistics", disable=not ctx["master"]):
-        z = model.encode(x.to(device)).double().transpose(0, 1).flatten(1)  # (C, B*h*w)
+        z = model.encode(x.to(ctx["device"])).double().transpose(0, 1).flatten(1)  # (C, B*h*w)
         s += torch.stack([torch.full_like(z[:, 0], z.shape[1]), z.sum(1), z.pow(2).sum(1)])
     if ctx["ddp"]:
         torch.distributed.all_reduce(s)
@@ -545,7 +549,7 @@ def model_config(args):
 
 def build(config, args, ctx, encoder_weights, lpips_weights, ckpt=None):
     """The nets of a run as a dict: raw (the autoencoder), ae (compiled before the DDP wrap), disc_raw / disc, their
-    Adam optimizers opt / opt_d, and lpips (None for L1 only); restored from ckpt when given."""
+    Adam optimizers opt / opt_d, and lpips (None for L1 only); restored from ckpt when given, at the current --lr."""
     device = ctx["device"]
     torch.manual_seed(args.seed)  # the same initial weights on every rank (random encoder and LPIPS trunk included)
     raw = SVGAutoencoder(config, encoder_weights).to(device)
@@ -553,17 +557,19 @@ def build(config, args, ctx, encoder_weights, lpips_weights, ckpt=None):
     if raw.residual and config["mask_ratio"] == 0:
         raw.mask_token.requires_grad_(False)  # unused: DDP must not wait for its gradient
     params = [p for p in raw.parameters() if p.requires_grad]  # residual ViT, mask token, decoder (not the encoder)
-    fused = device.type == "cuda"  # one kernel per step instead of one per parameter tensor
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9), fused=fused)  # SPEC 1: Adam (0.5, 0.9), no weight decay
-    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
+    # SPEC 1: Adam (0.5, 0.9), no weight decay; fused on CUDA: one kernel per step instead of one per parameter tensor
+    adam = lambda ps: torch.optim.Adam(ps, lr=args.lr, betas=(0.5, 0.9), fused=device.type == "cuda")  # noqa: E731
+    nets = dict(raw=raw, disc_raw=disc_raw, opt=adam(params), opt_d=adam(disc_raw.parameters()))
     if ckpt:
-        for m, k in ((raw, "model"), (disc_raw, "disc"), (opt, "opt"), (opt_d, "opt_disc")):
-            m.load_state_dict(ckpt[k])
+        for k, name in CKPT_PARTS.items():
+            nets[name].load_state_dict(ckpt[k])
+        for group in nets["opt"].param_groups + nets["opt_d"].param_groups:  # --lr applies to the resumed run
+            group["lr"] = args.lr
     lpips_net = build_lpips(lpips_weights).to(device) if args.perceptual_weight > 0 else None  # None: L1 only
     model = torch.compile(raw) if args.compile else raw  # compiled before the DDP wrap; state dicts come from raw
     ddp = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
         m, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None) if ctx["ddp"] else m
-    return dict(raw=raw, ae=ddp(model), disc_raw=disc_raw, disc=ddp(disc_raw), opt=opt, opt_d=opt_d, lpips=lpips_net)
+    return dict(nets, ae=ddp(model), disc=ddp(disc_raw), lpips=lpips_net)
 
 
 def train_step(nets, batches, step, args, ctx):
@@ -573,6 +579,15 @@ def train_step(nets, batches, step, args, ctx):
     device, world = ctx["device"], ctx["world_size"]
     accum = args.batch_size // (args.device_batch * world)
     autocast = lambda: data.autocast(device, args.bf16)  # noqa: E731
+    no_sync = lambda m, micro: m.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext()  # noqa: E731
+    path = os.path.join(args.out_dir, "ae.pt")  # named in the stop message: it keeps the last good checkpoint
+
+    def update(opt, module, terms, norm_name):  # a diverged run stops before the optimizer step
+        norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+        data.stop_if_nonfinite(step + 1, {**terms, norm_name: norm}, path)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     last = raw.decoder.last_weight  # the adaptive GAN weight balances gradients at this layer (SPEC 1)
     gan = step >= args.disc_start
     disc_raw.requires_grad_(False)
@@ -583,13 +598,12 @@ def train_step(nets, batches, step, args, ctx):
         torch.manual_seed(args.seed + 1_000_003 * step + micro * world + ctx["rank"])
         batch = next(batches)  # (images, labels) or, with --cache-features, (images, frozen features, labels)
         x, h = batch[0].to(device), batch[1].to(device) if len(batch) == 3 else None
-        with ae.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():  # sync on the last micro-step
+        with no_sync(ae, micro):  # gradients sync on the last micro-step
             with autocast():
                 y = ae(x, h)
                 l1 = (y.float() - x).abs()  # (B, 3, H, W)
                 p_loss = lpips_net(y, x).float() if lpips_net else torch.zeros(len(x), 1, 1, 1, device=device)
-                rec = (l1 + args.perceptual_weight * p_loss).sum((1, 2, 3)).mean()  # summed over pixels (SPEC 1)
-                loss = rec
+                loss = rec = (l1 + args.perceptual_weight * p_loss).sum((1, 2, 3)).mean()  # summed over pixels (SPEC 1)
                 if gan:
                     g = -disc_raw(y).float().mean()
                     gr, gg = (torch.autograd.grad(t, last, retain_graph=True)[0] for t in (rec, g))
@@ -602,11 +616,7 @@ def train_step(nets, batches, step, args, ctx):
         log["l1"] += l1.mean().item() / accum
         log["lpips"] += p_loss.mean().item() / accum
         log["psnr"] += psnr(y.detach().float(), x).mean().item() / accum
-    path = os.path.join(args.out_dir, "ae.pt")  # named in the stop message: it keeps the last good checkpoint
-    norm = torch.nn.utils.get_total_norm([p.grad for p in raw.parameters() if p.grad is not None])
-    data.stop_if_nonfinite(step + 1, {**{k: log[k] for k in ("l1", "lpips", "g", "w")}, "grad norm": norm}, path)
-    nets["opt"].step()
-    nets["opt"].zero_grad(set_to_none=True)
+    update(nets["opt"], raw, {k: log[k] for k in ("l1", "lpips", "g", "w")}, "grad norm")
     if raw.batch_stats_log:  # running alignment statistics: mean over all micro-batches of all ranks
         s = torch.stack(raw.batch_stats_log).mean(0) / world
         raw.batch_stats_log.clear()
@@ -616,15 +626,12 @@ def train_step(nets, batches, step, args, ctx):
     if gan:  # discriminator: one hinge step on the same images after the AE step (SPEC 1)
         disc_raw.requires_grad_(True)
         for micro, (x, y) in enumerate(pairs):
-            with disc.no_sync() if ctx["ddp"] and micro < accum - 1 else nullcontext():
+            with no_sync(disc, micro):
                 with autocast():
                     d = 0.5 * (F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(y).float()).mean())
                 (d / accum).backward()
             log["d"] += d.item() / accum
-        norm = torch.nn.utils.get_total_norm([p.grad for p in disc_raw.parameters() if p.grad is not None])
-        data.stop_if_nonfinite(step + 1, {"d": log["d"], "discriminator grad norm": norm}, path)
-        nets["opt_d"].step()
-        nets["opt_d"].zero_grad(set_to_none=True)
+        update(nets["opt_d"], disc_raw, {"d": log["d"]}, "discriminator grad norm")
     return log
 
 
@@ -688,17 +695,16 @@ def parse_args():
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size and run preset")
     p.add_argument("--data", default="shapes", help="'shapes' (built-in) or an image folder (ImageNet layout or flat)")
     p.add_argument("--out-dir", default="out/ae", help="checkpoint ae.pt, PNG grids and logs go here")
-    p.add_argument("--encoder", default="vit_small_plus_patch16_dinov3_qkvb",
-                   help="frozen timm encoder, e.g. vit_small_patch14_reg4_dinov2.lvd142m, "
-                        "vit_base_patch16_siglip_256.v2_webli, vit_base_patch16_224.mae")
+    p.add_argument("--encoder", default="vit_small_plus_patch16_dinov3_qkvb", help="frozen timm encoder, e.g. "
+                   "vit_small_patch14_reg4_dinov2.lvd142m, vit_base_patch16_siglip_256.v2_webli, vit_base_patch16_224.mae")
     p.add_argument("--encoder-weights", default="hub", help="hub (timm download), a timm or Meta .pth file, or random")
     p.add_argument("--lpips-weights", default="pretrained", choices=["pretrained", "random"],
                    help="VGG trunk of LPIPS: pretrained (torchvision download) or random (tests only)")
     p.add_argument("--no-residual", action="store_true", help="DINO-only ablation: no residual encoder")
     p.add_argument("--batch-stats", action="store_true", help="align with per-batch statistics in eval too (official)")
     p.add_argument("--cache-features", type=int, default=None, metavar="N",
-                   help="train on the first N training images with the frozen encoder's features computed once, no "
-                        "flips (preset: tiny 6,000, full 0 = encode every batch)")
+                   help="train on the first N training images with the frozen encoder's features computed once, "
+                   "no flips (preset: tiny 6,000, full 0 = encode every batch)")
     p.add_argument("--decoder", default=None, choices=["conv", "vit"],
                    help="conv: SVG's LDM decoder (the paper's); vit: RAE's ViT decoder (preset: tiny vit, full conv)")
     p.add_argument("--decoder-noise", type=float, default=0.0, help="RAE noise augmentation: sigma ~ U(0, TAU) x std(z)")
@@ -707,8 +713,8 @@ def parse_args():
     p.add_argument("--perceptual-weight", type=float, default=None,
                    help="weight of LPIPS in the reconstruction loss (preset: full 1.0 as the paper, tiny 0)")
     p.add_argument("--disc-start", type=int, default=None, help="iteration at which the GAN loss switches on")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate, AE and discriminator (preset: full 1e-4 "
-                   "as the paper, tiny 2e-4)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate, AE and discriminator (preset: full 1e-4 as the paper, tiny 5e-4)")
     p.add_argument("--image-size", type=int, default=None, help="training resolution (multiple of 16)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=None, help="global batch; accumulation is derived")
@@ -738,58 +744,40 @@ def parse_args():
     for k, v in SIZES[args.size].items():  # --device-batch, when not given, is derived from the world size in main
         if k in vars(args) and getattr(args, k) is None and (k != "device_batch" or args.benchmark):
             setattr(args, k, v)
-    data.check_args(args, at_least=dict(steps=1, batch_size=0 if args.benchmark else 1, device_batch=1, image_size=16, log_every=1, eval_every=1,
-                                        sample_every=1, save_every=1, eval_images=1, stats_images=0, disc_start=0,
-                                        num_workers=0, mask_ratio=0, dropout=0, decoder_noise=0, perceptual_weight=0,
-                                        cache_features=0),
+    data.check_args(args, at_least=dict(steps=1, batch_size=0 if args.benchmark else 1, device_batch=1, image_size=16,
+                                        log_every=1, eval_every=1, sample_every=1, save_every=1, eval_images=1,
+                                        stats_images=0, disc_start=0, num_workers=0, mask_ratio=0, dropout=0,
+                                        decoder_noise=0, perceptual_weight=0, cache_features=0),
                     at_most=dict(mask_ratio=1, dropout=1), positive=("lr",))
     if args.image_size % 16:
         raise SystemExit(f"--image-size {args.image_size} must be a multiple of 16")
     return args
 
 
-def main():
-    args = parse_args()
-    if args.convert_official:
-        if not (args.stats and args.out):
-            raise SystemExit("--convert-official needs --stats dinov3_sp_stats.pt and --out PATH")
-        data.check_out_file(args.out, (".pt", ".pth"))
-        convert_official(args.convert_official, args.stats, args.out, args.encoder, args.trust_checkpoint)
-        return
-    if args.benchmark:  # synthetic images: no data, nothing written
-        return benchmark(args, data.setup(args.seed))
-    path = os.path.join(args.out_dir, "ae.pt")
-    if not args.compute_stats:
-        data.check_out_dir(args.out_dir)
-        ckpt = data.start_or_resume(path, args.resume, args.overwrite, "ae", args.steps)
-    ctx = data.setup(args.seed)
-    device, master, world = ctx["device"], ctx["master"], ctx["world_size"]
-    if args.device_batch is None:
-        args.device_batch = data.derive_device_batch(args.batch_size, world, SIZES[args.size]["device_batch"])
-    args.bf16, why = data.choose_bf16(args.bf16, device)
-    data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {device} ({why})")
-    if args.compute_stats:
-        ckpt = data.load_checkpoint(args.compute_stats, "autoencoder checkpoint", kind="ae")
-        model = load_autoencoder(args.compute_stats, device)
-        n = ckpt.get("args", {}).get("stats_images", 0) if args.stats_images is None else args.stats_images
-        n = compute_latent_stats(model, data.build_dataset(args.data, model.image_size, "ae"), n, args.device_batch, device, ctx)
-        if master:
-            ckpt["model"] = model.state_dict()
-            data.save_checkpoint(ckpt, args.compute_stats)
-            print(f"latent statistics over {n} images written to {args.compute_stats}")
-        data.cleanup()
-        return
+def recompute_stats(args, ctx):
+    """--compute-stats: the latent statistics of a checkpoint again, written back into it."""
+    ckpt = data.load_checkpoint(args.compute_stats, "autoencoder checkpoint", kind="ae")
+    model = load_autoencoder(args.compute_stats, ctx["device"])
+    n = ckpt.get("args", {}).get("stats_images", 0) if args.stats_images is None else args.stats_images
+    n = compute_latent_stats(model, data.build_dataset(args.data, model.image_size, "ae"), n, args.device_batch, ctx)
+    if ctx["master"]:
+        ckpt["model"] = model.state_dict()
+        data.save_checkpoint(ckpt, args.compute_stats)
+        print(f"latent statistics over {n} images written to {args.compute_stats}")
 
+
+def train(args, ckpt, ctx):
+    """A new run (ckpt None) or a resumed one: build, train with eval, logs and checkpoints, then latent statistics."""
+    device, master, world = ctx["device"], ctx["master"], ctx["world_size"]
+    path = os.path.join(args.out_dir, "ae.pt")
     accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
     config = ckpt["config"] if ckpt else model_config(args)
     train_set = data.build_dataset(args.data, config["image_size"], "ae", train=True, seed=args.seed)
     val_set = data.build_dataset(args.data, config["image_size"], "ae", train=False, seed=args.seed)
     nets = build(config, args, ctx, None if ckpt else args.encoder_weights, args.lpips_weights, ckpt)
-    raw, disc_raw, opt, opt_d, lpips_net = (nets[k] for k in ("raw", "disc_raw", "opt", "opt_d", "lpips"))
+    raw = nets["raw"]
     start, history = (ckpt["step"], ckpt["history"]) if ckpt else (0, [])
     if ckpt:
-        for group in nets["opt"].param_groups + nets["opt_d"].param_groups:  # --lr applies to the resumed run
-            group["lr"] = args.lr
         data.print0(f"resumed from step {start} of {path}, lr {args.lr:g}")
     data.print0(f"config {config}\nrun {vars(args)}\ntrainable {sum(p.numel() for p in raw.parameters() if p.requires_grad):,} params, encoder "
                 f"{sum(p.numel() for p in raw.encoder.parameters()):,} frozen, latent {raw.latent_channels} x "
@@ -806,27 +794,14 @@ def main():
                                    num_workers=0 if args.cache_features else args.num_workers))
 
     def checkpoint(step):
-        data.save_checkpoint({"model": raw.state_dict(), "disc": disc_raw.state_dict(), "opt": opt.state_dict(),
-                              "opt_disc": opt_d.state_dict(), "step": step, "config": config, "args": vars(args),
-                              "history": history}, path)
+        data.save_checkpoint({**{k: nets[name].state_dict() for k, name in CKPT_PARTS.items()}, "step": step,
+                              "config": config, "args": vars(args), "history": history}, path)
 
-    def eval_and_samples(step):
-        if step % args.eval_every == 0 or step == args.steps:
-            p, l = evaluate(raw, val_images, lpips_net, args.device_batch)
-            history.append(dict(step=step, psnr=p, lpips=l))
-            print(f"eval step {step} | held-out psnr {p:.2f} dB | lpips {l:.4f}", flush=True)
-        if step % args.sample_every == 0 or step == args.steps:
-            with torch.no_grad():
-                raw.eval()
-                save_grid(val_images[:8].cpu(), raw(val_images[:8]).float().cpu(), os.path.join(args.out_dir, f"recon_{step:06d}.png"))
-                raw.train()
-
-    raw.train()
     t0, done = time.time(), 0
     for step in range(start, args.steps):
         if master:
             te = time.time()
-            eval_and_samples(step)
+            evaluate(nets, val_images, step, args, history)
             t0 += time.time() - te  # images/s counts training only
         log = train_step(nets, loader, step, args, ctx)
         done += 1
@@ -843,11 +818,34 @@ def main():
             print(f"saved step {step + 1} to {path}", flush=True)
 
     if master:
-        eval_and_samples(args.steps)
-    n = compute_latent_stats(raw, train_set, args.stats_images, args.device_batch, device, ctx)
+        evaluate(nets, val_images, args.steps, args, history)
+    n = compute_latent_stats(raw, train_set, args.stats_images, args.device_batch, ctx)
     if master:
         checkpoint(args.steps)
         print(f"final: step {args.steps}, latent statistics over {n} images, saved {path}", flush=True)
+
+
+def main():
+    args = parse_args()
+    if args.convert_official:
+        if not (args.stats and args.out):
+            raise SystemExit("--convert-official needs --stats dinov3_sp_stats.pt and --out PATH")
+        data.check_out_file(args.out, (".pt", ".pth"))
+        return convert_official(args.convert_official, args.stats, args.out, args.encoder, args.trust_checkpoint)
+    if args.benchmark:  # synthetic images: no data, nothing written
+        return benchmark(args, data.setup(args.seed))
+    if not args.compute_stats:  # before any process starts work
+        data.check_out_dir(args.out_dir)
+        ckpt = data.start_or_resume(os.path.join(args.out_dir, "ae.pt"), args.resume, args.overwrite, "ae", args.steps)
+    ctx = data.setup(args.seed)
+    if args.device_batch is None:
+        args.device_batch = data.derive_device_batch(args.batch_size, ctx["world_size"], SIZES[args.size]["device_batch"])
+    args.bf16, why = data.choose_bf16(args.bf16, ctx["device"])
+    data.print0(f"precision: {'bf16 autocast' if args.bf16 else 'fp32'} on {ctx['device']} ({why})")
+    if args.compute_stats:
+        recompute_stats(args, ctx)
+    else:
+        train(args, ckpt, ctx)
     data.cleanup()
 
 

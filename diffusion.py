@@ -108,7 +108,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """adaLN-Zero block: c -> shift/scale/gate for attention and MLP; zero gates make it the identity at init."""
+    """adaLN-Zero block: c -> shift/scale/gate for attention and MLP; zero gates make it the identity at init.
+    c is (B, 1, D), one condition per image, or (B, T, D), one per token (DDTHead); FinalLayer takes the same."""
 
     def __init__(self, width, num_heads, mlp_ratio):
         super().__init__()
@@ -119,7 +120,6 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c):
-        c = c[:, None] if c.dim() == 2 else c  # (B, 1, D): one condition per image; (B, T, D): per token (DDTHead)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, 1|T, D)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, T, D)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -133,7 +133,6 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x, c):
-        c = c[:, None] if c.dim() == 2 else c  # as in Block
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -185,7 +184,6 @@ class DiT(nn.Module):
         assert pred in ("v", "x"), f"pred must be 'v' (velocity, SVG) or 'x' (clean sample, JiT), got {pred}"
         if head == "dh":
             self.config.update(head=head, head_depth=head_depth, head_width=head_width, head_heads=head_heads)
-        self.num_classes = num_classes
         self.ln1 = nn.Linear(in_channels, width)  # the input projection; "ln1" is the official name
         self.register_buffer("pos_embed", sincos_2d(width, grid)[None], persistent=False)  # (1, T, D), fixed
         self.t_embedder = nn.Module()
@@ -207,9 +205,8 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for w in (self.y_embedder.embedding_table.weight, self.t_embedder.mlp[0].weight, self.t_embedder.mlp[2].weight):
+            nn.init.normal_(w, std=0.02)
         blocks, final = (self.blocks, self.final_layer) if self.head is None else (
             [*self.blocks, *self.head.blocks], self.head.final_layer)
         for layer in [b.adaLN_modulation[-1] for b in blocks] + [final.adaLN_modulation[-1], final.linear]:
@@ -219,7 +216,7 @@ class DiT(nn.Module):
     def forward(self, x, t, y):
         h = self.ln1(x) + self.pos_embed  # (B, T, D)
         t_emb = self.t_embedder.mlp(timestep_embedding(t))  # (B, D)
-        c = t_emb + self.y_embedder.embedding_table(y)  # (B, D)
+        c = (t_emb + self.y_embedder.embedding_table(y))[:, None]  # (B, 1, D)
         for block in self.blocks:
             h = block(h, c)  # (B, T, D)
         if self.head is not None:
@@ -323,13 +320,12 @@ def time_grid(steps, shift):
 
 
 @torch.no_grad()
-def sample(model, noise, y, steps=25, shift=0.15, cfg=1.0, solver="euler", interval=(0.0, 1.0), null_class=None):
+def sample(model, noise, y, steps=25, shift=0.15, cfg=1.0, solver="euler", interval=(0.0, 1.0)):
     """Integrate dx/dt = v from t=0 (noise [B, T, C]) to t=1; returns the final tokens in standardised
     latent space. CFG on all channels: v_u + w (v_c - v_u), both halves in one batch of 2B, only for t
     inside `interval`; cfg == 1 runs the conditional pass alone. Euler: 1 evaluation/step, Heun: 2.
     `shift` may be 'auto' (RAE's, from the model's latent size). x-prediction models are converted to v."""
-    null_class = model.config["num_classes"] if null_class is None else null_class
-    y_null = torch.full_like(y, null_class)
+    y_null = torch.full_like(y, model.config["num_classes"])
     pred = model.config.get("pred", "v")
 
     def guided(x, t):
@@ -389,15 +385,18 @@ def convert_official(sd):
 
 
 def convert_official_cli(args):
+    """--convert-official: the authors' file (EMA and/or raw weights, or a bare state dict) -> our checkpoint."""
+    if not args.out:
+        raise SystemExit("--convert-official needs --out PATH (and --ae AE_CKPT)")
+    data.check_out_file(args.out, (".pt", ".pth"))
     official = data.load_foreign(args.convert_official, "official DiT checkpoint", args.trust_checkpoint)
-    ae = load_frozen_ae(args.ae, "cpu")
+    info = ae_info(load_frozen_ae(args.ae, "cpu"), args.ae)
     sds = {k: official[k] for k in ("ema", "model") if k in official} or {"ema": official}  # or a bare state dict
     out = {}
     for name, sd in sds.items():
         if "ln1.weight" not in sd:
             raise SystemExit(f"'{args.convert_official}' holds no DiT state dict (no ln1.weight under '{name}')")
         out[name], config = convert_official(sd)
-    info = ae_info(ae, args.ae)
     if (config["in_channels"], config["grid"]) != (info["latent_channels"], info["grid"]):
         raise SystemExit(f"official DiT expects {config['in_channels']} channels on a {config['grid']}^2 grid, the AE "
                          f"'{args.ae}' gives {info['latent_channels']} on {info['grid']}^2: pass the matching AE")
@@ -432,19 +431,20 @@ def ae_info(ae, path):
                 grid=int(ae.image_size // ae.patch_size), image_size=int(ae.image_size))
 
 
+@torch.no_grad()
+def encode_tokens(ae, images):
+    """Images (b, 3, H, W) -> the frozen AE's per-channel standardised latent tokens (b, T, C) (SPEC 1). In fp32 (TF32
+    on GPU), never under autocast: the latent statistics were computed in fp32, the official code encodes in
+    fp32/TF32, and official channels with std 0.16 around mean 3.5 show bf16's rounding once standardised."""
+    return to_tokens(ae.standardize(ae.encode(images).float()))
+
+
 def latent_batches(loader, ae, device):
     """Micro-batches (x1 tokens (b, T, C), labels (b,)) from the data loader: images encoded online by the frozen AE
     as the official code does, or (ae None) tokens that data.encode_once cached."""
     for batch, labels in loader:
         batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if ae is None:
-            yield batch, labels  # (b, T, C), encoded and standardised once by data.encode_once
-            continue
-        # fp32 (TF32 on GPU), not bf16: the latent statistics were computed in fp32, the official code encodes in
-        # fp32/TF32, and official channels with std 0.16 around mean 3.5 show bf16's rounding once standardised
-        with torch.no_grad():
-            z = ae.encode(batch)  # (b, C, grid, grid)
-        yield to_tokens(ae.standardize(z.float())), labels  # (b, T, C), per-channel standardised (SPEC 1)
+        yield (batch if ae is None else encode_tokens(ae, batch)), labels
 
 
 def build(config, args, device):
@@ -595,38 +595,40 @@ def head_config(args):
     return dict(head="dh", head_depth=depth, head_width=width, head_heads=width // DH_HEAD_DIM)
 
 
+def preset_help(key):
+    """'preset: tiny X, else Y' read from PRESETS, so that a flag's help cannot drift from the presets."""
+    return f"preset: tiny {PRESETS['tiny'][key]:,}, else {PRESETS['full'][key]:,}"
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Train the SVG diffusion transformer on a frozen AE's latents (SPEC 2).")
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model size (DiT's S/B/L/XL, or tiny for CPU)")
     p.add_argument("--ae", default="out/ae/ae.pt", help="trained AE checkpoint (with latent statistics) from ae.py")
     p.add_argument("--data", default="shapes", help="'shapes' (built-in) or an image folder (ImageNet layout)")
     p.add_argument("--out-dir", default="out/dit", help="where dit.pt and the preview grids go")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (preset: tiny 1500, else 400k = 80 epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (preset: tiny 32, else 256)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps ({preset_help('steps')})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"global batch ({preset_help('batch_size')})")
     p.add_argument("--device-batch", type=int, default=None, help="per-process micro-batch; accumulation is derived")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (preset: 1e-4 as SPEC 2; "
-                   "tiny 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, constant ({preset_help('lr')})")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SPEC 2: 0)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, as the paper)")
-    p.add_argument("--shift", type=shift_arg, default=None,
-                   help="training time-warp shift (SPEC 2: 0.4; <= 0: no warp; 'auto': RAE's from the latent size)")
+    p.add_argument("--shift", type=shift_arg, default=None, help="training time-warp shift (SPEC 2: 0.4; <= 0: no "
+                   "warp; 'auto': RAE's, from the latent size)")
     p.add_argument("--sample-shift", type=shift_arg, default=None, help="sampling shift of the previews, recorded "
                    "for sample.py and fid.py (default: 'auto' if --shift auto, else SVG's 0.15)")
     p.add_argument("--time-dist", default=None, choices=["uniform", "logit-normal"],
                    help="u before the time warp: uniform (SVG) or logit-normal (SD3, RAE)")
-    p.add_argument("--pred", default=None, choices=["v", "x"],
-                   help="network output: the velocity v (SVG) or the clean sample x (JiT), same velocity loss")
+    p.add_argument("--pred", default=None, choices=["v", "x"], help="network output: velocity (SVG) or clean x (JiT)")
     p.add_argument("--cache-latents", type=int, default=None, metavar="N",
-                   help="encode N training images once and train on them (CPU speed-up; 0: encode online, as official)")
-    p.add_argument("--head", default="none", choices=["none", "dh"],
-                   help="none: SVG's final layer; dh: RAE's wide, shallow DDT head on top of the trunk (DiT^DH)")
+                   help="encode N training images once and train on them (0: encode online, as official)")
+    p.add_argument("--head", default="none", choices=["none", "dh"], help="none: SVG's final layer; dh: RAE's DDT head")
     p.add_argument("--head-depth", type=int, default=None, help="DDT head blocks (RAE: 2)")
-    p.add_argument("--head-width", type=int, default=None,
-                   help="DDT head width, a multiple of 128 (RAE: 2048; tiny: 768)")
+    p.add_argument("--head-width", type=int, default=None, help=f"DDT head width, a multiple of {DH_HEAD_DIM} "
+                   f"(RAE: 2048; tiny: {DH_HEADS['tiny']['head_width']})")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (for CFG)")
-    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay per step (preset: tiny 0.995, else 0.9999)")
+    p.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay per step ({preset_help('ema_decay')})")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="force bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
+                   help="bf16 autocast on or off (default: on where the GPU or CPU runs bf16 natively)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (before the DDP wrap); --benchmark times both unless given")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
@@ -636,7 +638,7 @@ def parse_args():
     p.add_argument("--log-every", type=int, default=None, help="steps between log lines")
     p.add_argument("--sample-every", type=int, default=None, help="steps between EMA preview grids (0: never)")
     p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: the datasheet of H100/H200/A100, else a measured matmul)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: datasheet/measured)")
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/dit.pt (model, EMA, optimizer, step)")
     p.add_argument("--overwrite", action="store_true", help="start a new run even though OUT_DIR/dit.pt exists")
     p.add_argument("--convert-official", default=None, metavar="OFFICIAL.pt", help="convert the authors' DiT, then exit")
@@ -644,8 +646,7 @@ def parse_args():
     data.add_args(p)
     p.add_argument("--latent-channels", type=int, default=392, help="--benchmark: latent channels (SPEC 1: 384 + 8)")
     p.add_argument("--grid", type=int, default=16, help="--benchmark: latent grid side (SPEC 1: 256 px / 16)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="with --convert-official: unpickle any object in the file (it can run code; trusted files only)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="--convert-official: unpickle anything (runs code)")
     args = p.parse_args()
     data.check_args(args, at_least=dict(steps=1, batch_size=1, device_batch=1, log_every=1, ckpt_every=1, sample_every=0,
                                         num_workers=0, weight_decay=0, clip_grad=0, class_dropout=0, ema_decay=0,
@@ -654,12 +655,18 @@ def parse_args():
     return args
 
 
+def resume(ckpt, raw, ema, opt, lr):
+    """Model, EMA and optimizer from a checkpoint, at --lr (the log says so), and the checkpoint's step."""
+    for obj, key in ((raw, "model"), (ema, "ema"), (opt, "opt")):
+        obj.load_state_dict(ckpt[key])
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return ckpt["step"]
+
+
 def main():
     args = parse_args()
     if args.convert_official:
-        if not args.out:
-            raise SystemExit("--convert-official needs --out PATH (and --ae AE_CKPT)")
-        data.check_out_file(args.out, (".pt", ".pth"))
         return convert_official_cli(args)
     if args.benchmark and args.batch_size is None:
         args.batch_size = 0  # the benchmark's default: one micro-batch per process per step
@@ -692,26 +699,18 @@ def main():
                   class_dropout=args.class_dropout, mlp_ratio=4.0, pred=args.pred, **SIZES[args.size], **head)
     if args.sample_shift is None:
         args.sample_shift = "auto" if args.shift == "auto" else SAMPLE_SHIFT
-    if ckpt is not None:
-        if ckpt["config"] != config:
-            raise SystemExit(f"--resume: {ckpt_path} has config {ckpt['config']}, these flags and AE give {config}: "
-                             f"pass the same --size, --head, --data and --ae (it was trained on {ckpt['ae']['path']})")
+    if ckpt is not None and ckpt["config"] != config:
+        raise SystemExit(f"--resume: {ckpt_path} has config {ckpt['config']}, these flags and AE give {config}: "
+                         f"pass the same --size, --head, --data and --ae (it was trained on {ckpt['ae']['path']})")
     raw, ema, opt = build(config, args, device)
-    step = 0
-    if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:  # --lr applies to the resumed run, as the log says
-            group["lr"] = args.lr
-        step = ckpt["step"]
-        del ckpt
+    step = 0 if ckpt is None else resume(ckpt, raw, ema, opt, args.lr)
+    del ckpt
     model = wrap(raw, args.compile, run)
     if args.cache_latents:
-        # the first N training images encoded once, in fp32, standardised, as tokens (b, T, C): on a CPU the frozen
-        # encoder costs more than a tiny DiT, so this is several times faster; the price is a fixed set of N images
-        dataset = data.encode_once(lambda x: (to_tokens(ae.standardize(ae.encode(x).float())),), dataset,
-                                   args.cache_latents, args.device_batch, device, run, "encoding latents")
+        # the first N training images encoded once: on a CPU the frozen encoder costs more than a tiny DiT, so this is
+        # several times faster; the price is a fixed set of N images
+        dataset = data.encode_once(lambda x: (encode_tokens(ae, x),), dataset, args.cache_latents, args.device_batch,
+                                   device, run, "encoding latents")
     # the data order is a function of (seed, position): a resume continues it exactly, 1 or N processes see the same
     stream = data.RunOrder(dataset, args.seed, step * args.batch_size, (args.steps - step) * args.batch_size, world,
                            args.device_batch)
@@ -733,10 +732,8 @@ def main():
         if step % args.log_every == 0 or step == args.steps:
             if run["ddp"]:
                 dist.all_reduce(loss_log, op=dist.ReduceOp.AVG)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t_log
-            img_s = (step - step_log) * args.batch_size / dt
+            data.sync(device)
+            img_s = (step - step_log) * args.batch_size / (time.time() - t_log)
             mfu = 6 * macs * img_s / world / (peak * 1e12)  # train = 3 forwards, 2 FLOPs per MAC
             skipped = int(stream.skipped.item())
             data.print0(f"step {step} | loss {loss_log.item() / (step - step_log):.6f} | "

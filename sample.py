@@ -31,9 +31,8 @@ IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
 def noise_for(seed, indices, tokens, channels):
     """Sample i's noise is a pure function of (seed, i), so batch size and process count never change
     an image (same seeding scheme as data.Shapes)."""
-    return torch.from_numpy(np.stack([np.random.default_rng([seed, int(i)]).standard_normal((tokens, channels),
-                                                                                              dtype=np.float32)
-                                      for i in indices]))
+    rngs = (np.random.default_rng([seed, int(i)]) for i in indices)
+    return torch.from_numpy(np.stack([rng.standard_normal((tokens, channels), dtype=np.float32) for rng in rngs]))
 
 
 def slerp(z0, z1, alpha):
@@ -106,14 +105,6 @@ def resolve_sampler_shift(args, model):
     args.shift = resolve_shift(shift, model.config)
 
 
-def class_names(model):
-    """Built-in data: the shape names; anything else (ImageNet, converted weights): class ids."""
-    num_classes = model.config["num_classes"]
-    if model.args.get("data") == "shapes" and num_classes == len(data.SHAPE_CLASSES):
-        return list(data.SHAPE_CLASSES)
-    return [str(c) for c in range(num_classes)]
-
-
 def save_grid(images, rows, row_names, path):
     """uint8 [rows*cols,H,W,3] -> one PNG with each row's name in a strip on the left."""
     n, h, w, _ = images.shape
@@ -125,19 +116,16 @@ def save_grid(images, rows, row_names, path):
     draw = ImageDraw.Draw(canvas)
     for r, name in enumerate(row_names):
         draw.text((4, r * h + h // 2 - 5), name, fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
 
 
 def write_npz(args, model, ae, run):
     """--num N: each rank makes its share of the N samples; rank 0 joins the shares in index order."""
-    num_classes = model.config["num_classes"]
-    classes = args.classes or list(range(num_classes))
+    classes = args.classes or list(range(model.config["num_classes"]))
     labels = np.array([classes[i % len(classes)] for i in range(args.num)])  # class-balanced (SPEC 4: 50 per class)
     start, stop = data.shard(args.num, args.batch_size, run["rank"], run["world_size"])
     images = generate(model, ae, labels[start:stop], args.seed, args.steps, args.shift, args.cfg, args.solver,
                       args.cfg_interval, args.batch_size, index_offset=start, progress=run["master"])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.save(f"{args.out}.part{run['rank']}.npy", images)  # through the disk: 50k images are too big for gloo/NCCL
     if run["ddp"]:
         dist.barrier()
@@ -168,7 +156,7 @@ def add_sampler_args(parser):
     parser.add_argument("--seed", type=int, default=0, help="sample i uses noise (seed, i)")
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description="Sample images from a trained SVG diffusion model.")
     parser.add_argument("--ckpt", default="out/dit/dit.pt", help="diffusion checkpoint (diffusion.py)")
     parser.add_argument("--ae", default=None, help="AE checkpoint; default: the path recorded in --ckpt")
@@ -180,8 +168,8 @@ def main():
                         help="grid of linear and spherical noise interpolations from --seed to SEED2")
     parser.add_argument("--frames", type=int, default=8, help="--interpolate: images per row")
     parser.add_argument("--num", "--num-samples", dest="num", type=int, default=0,
-                        help="write N samples to an .npz for fid.py instead of a grid (spell it --num-samples under "
-                             "torchrun, whose own parser mistakes --num for its --numa-binding)")
+                        help="write N samples to an .npz for fid.py instead of a grid (--num-samples under torchrun, "
+                             "which reads --num as its --numa-binding)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (per process)")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA: faster, not fp32")
     parser.add_argument("--out", default=None, help="output: samples.png (grid) or samples.npz (--num)")
@@ -199,6 +187,30 @@ def main():
     data.check_out_file(args.out, (".npz",) if args.num else data.IMAGE_EXTENSIONS)  # before the sampling, not after
     if not os.path.isfile(args.ckpt):
         raise SystemExit(f"sample: diffusion checkpoint '{args.ckpt}' not found; train one with diffusion.py or pass --ckpt")
+    return args
+
+
+def grid_rows(args, model):
+    """The grid's (row names, labels, noise): rows per class (noise None: seeded per sample), or with --interpolate a
+    linear and a spherical path per class from --seed's noise to SEED2's. Built-in data's rows carry shape names."""
+    num_classes = model.config["num_classes"]
+    shapes = model.args.get("data") == "shapes" and num_classes == len(data.SHAPE_CLASSES)
+    names = list(data.SHAPE_CLASSES) if shapes else [str(c) for c in range(num_classes)]  # ImageNet, converted: ids
+    if args.interpolate is None:
+        classes = args.classes or (IMAGENET_SHOWCASE if num_classes == 1000 else list(range(min(num_classes, 10))))
+        return [names[c] for c in classes], [c for c in classes for _ in range(args.per_class)], None
+    tokens, channels = model.ae["grid"] ** 2, model.ae["latent_channels"]
+    z0, z1 = noise_for(args.seed, [0], tokens, channels)[0], noise_for(args.interpolate, [0], tokens, channels)[0]
+    alphas = torch.linspace(0, 1, args.frames)
+    path = {"linear": torch.stack([(1 - a) * z0 + a * z1 for a in alphas]),
+            "slerp": torch.stack([slerp(z0, z1, a) for a in alphas])}
+    rows = [(kind, c) for c in args.classes or [0] for kind in path]
+    return ([f"{kind}: {names[c]}" for kind, c in rows], [c for _, c in rows for _ in alphas],
+            torch.cat([path[kind] for kind, _ in rows]))
+
+
+def main():
+    args = parse_args()
     run = data.setup(args.seed)
     # fp32 by default: sampling precision moves FID (SPEC 2, RAE's note); data.setup turned TF32 on for training
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
@@ -215,26 +227,10 @@ def main():
     if args.num:
         write_npz(args, model, ae, run)
         return data.cleanup()
-    names = class_names(model)
-    if args.interpolate is not None:
-        classes = args.classes or [0]
-        tokens, channels = model.ae["grid"] ** 2, model.ae["latent_channels"]
-        z0, z1 = noise_for(args.seed, [0], tokens, channels)[0], noise_for(args.interpolate, [0], tokens, channels)[0]
-        alphas = torch.linspace(0, 1, args.frames)
-        path = {"linear": torch.stack([(1 - a) * z0 + a * z1 for a in alphas]),
-                "slerp": torch.stack([slerp(z0, z1, a) for a in alphas])}
-        rows = [(kind, c) for c in classes for kind in path]
-        noise = torch.cat([path[kind] for kind, _ in rows])
-        labels = [c for _, c in rows for _ in alphas]
-        images = generate(model, ae, labels, args.seed, args.steps, args.shift, args.cfg, args.solver,
-                          args.cfg_interval, args.batch_size, noise=noise)
-        save_grid(images, len(rows), [f"{kind}: {names[c]}" for kind, c in rows], args.out)
-    else:
-        classes = args.classes or (IMAGENET_SHOWCASE if num_classes == 1000 else list(range(min(num_classes, 10))))
-        labels = [c for c in classes for _ in range(args.per_class)]
-        images = generate(model, ae, labels, args.seed, args.steps, args.shift, args.cfg, args.solver,
-                          args.cfg_interval, args.batch_size)
-        save_grid(images, len(classes), [names[c] for c in classes], args.out)
+    row_names, labels, noise = grid_rows(args, model)
+    images = generate(model, ae, labels, args.seed, args.steps, args.shift, args.cfg, args.solver, args.cfg_interval,
+                      args.batch_size, noise=noise)
+    save_grid(images, len(row_names), row_names, args.out)
     print(f"wrote {args.out}: {len(images)} images {images.shape[1]}x{images.shape[2]}")
 
 
