@@ -639,10 +639,7 @@ def benchmark(args, ctx):
     """--benchmark: train_step with the GAN on, on synthetic images, in every mode this machine runs, then encode and
     decode. Encoder and LPIPS trunk get random weights (speed does not depend on them; no download needed)."""
     device, world = ctx["device"], ctx["world_size"]
-    if min(args.bench_steps, args.device_batch) < 1 or args.bench_warmup < 0:
-        raise SystemExit("--benchmark needs --bench-steps >= 1, --bench-warmup >= 0 and --device-batch >= 1")
-    args.batch_size = args.batch_size or args.device_batch * world
-    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+    accum = data.bench_plan(args, world)
     config, args.disc_start = model_config(args), 0  # the GAN is on in every step, as in most of a run
     images = torch.rand(args.device_batch, 3, args.image_size, args.image_size, device=device) * 2 - 1
     batches = itertools.repeat((images, None))  # one synthetic micro-batch, every time: no loader
@@ -655,24 +652,18 @@ def benchmark(args, ctx):
         if flops is None:  # one eager step of one process, counted (the all-reduce adds no FLOPs)
             flops = data.count_flops(lambda: train_step(dict(nets, ae=raw, disc=nets["disc_raw"]), batches, 0, args,
                                                          dict(ctx, ddp=False)))
-            data.print0(f"benchmark: autoencoder {config} at {args.image_size} px, {sum(p.numel() for p in raw.parameters() if p.requires_grad):,} "
-                        f"trained parameters, random encoder and LPIPS weights; {flops / 1e9 / args.batch_size * world:.1f} "
-                        f"GFLOPs/image per training step (counted: AE, LPIPS, GAN and discriminator steps); synthetic images "
-                        f"(data loading not timed); {world} process(es) x {args.device_batch} x {accum} accumulation = "
-                        f"{args.batch_size} images/step; {args.bench_warmup} warm-up steps dropped, {args.bench_steps} timed"
-                        f"\n{data.fast_paths(device, nets['opt'], ctx)}" + (f"\n{note}" if note else ""))
+            data.bench_header(f"autoencoder {config} at {args.image_size} px, {sum(p.numel() for p in raw.parameters() if p.requires_grad):,} "
+                              f"trained parameters, random encoder and LPIPS weights; {flops / 1e9 / args.batch_size * world:.1f} "
+                              f"GFLOPs/image per training step (counted: AE, LPIPS, GAN and discriminator steps); synthetic "
+                              f"images (data loading not timed)", args, accum, device, nets["opt"], ctx, note)
         peaks[bf16] = peaks.get(bf16) or data.peak_tflops(device, bf16)
         data.reset_peak_memory(device)
         warm, sec = data.time_steps(lambda i: train_step(nets, batches, i, args, ctx), args.bench_warmup, args.bench_steps, device)
-        img_s = args.batch_size / world / sec
         dtype = torch.bfloat16 if bf16 else torch.float32
         flash = [data.flash_attention(device, dtype, h, n, c // h) for h, n, c in
                  ((config["num_heads"], N + 1, D), (config["decoder_heads"], N, config["decoder_width"])
                                                     if config["decoder"] == "vit" else (1, N, config["ch"] * config["ch_mult"][-1]))]
-        rows.append([data.precision_name(bf16, device), "on" if args.compile else "off",
-                     " / ".join("yes" if f else "no" for f in flash), f"{1000 * sec:.1f}", f"{img_s:.3g}",
-                     f"{img_s * world:.3g}", f"{100 * flops / sec / (peaks[bf16][0] * 1e12):.1f}% of {peaks[bf16][0]:.3g}",
-                     f"{data.peak_memory_gib(device):.2f}", f"{warm:.1f}"])
+        rows.append(data.bench_row(bf16, args.compile, flash, sec, flops, peaks[bf16][0], warm, args, device, world))
         if len(inference) < len(peaks):  # encode / decode once per precision, eager, eval mode
             raw.eval()
             with torch.no_grad(), data.autocast(device, bf16):
@@ -681,8 +672,7 @@ def benchmark(args, ctx):
                          for f, x in ((raw.encode, images), (raw.decode, z))]
             inference.append([data.precision_name(bf16, device), *(f"{v:.3g}" for v in speed)])
         del nets, raw
-    data.table(["precision", "compile", "flash attention (ViTs / decoder)", "ms/step", "images/s per process",
-                 "images/s total", "MFU of peak TFLOP/s", "peak memory GiB", "warm-up s"], rows)
+    data.table([c + " (ViTs / decoder)" if c == "flash attention" else c for c in data.BENCH_COLUMNS], rows)
     data.print0("MFU = counted FLOPs per step / seconds per step / peak; peak: "
                 + "; ".join(f"{data.precision_name(k, device)} {v[0]:.3g} TFLOP/s ({v[1]})" for k, v in peaks.items())
                 + f"\ninference (eval mode, batch {args.device_batch} per process):")

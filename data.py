@@ -750,6 +750,34 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def bench_plan(args, world):
+    """--benchmark's flag checks and batch arithmetic (ae.py and diffusion.py): the global batch defaults to one
+    micro-batch per process; returns the accumulation steps."""
+    if min(args.bench_steps, args.device_batch) < 1 or args.bench_warmup < 0:
+        raise SystemExit("--benchmark needs --bench-steps >= 1, --bench-warmup >= 0 and --device-batch >= 1")
+    args.batch_size = args.batch_size or args.device_batch * world
+    return grad_accum_steps(args.batch_size, args.device_batch, world)
+
+
+def bench_header(what, args, accum, device, opt, run, note):
+    """--benchmark's first lines: what is timed, the batch arithmetic, the fast paths and the mode note."""
+    print0(f"benchmark: {what}; {run['world_size']} process(es) x {args.device_batch} x {accum} accumulation = "
+           f"{args.batch_size} images/step; {args.bench_warmup} warm-up steps dropped, {args.bench_steps} timed\n"
+           f"{fast_paths(device, opt, run)}" + (f"\n{note}" if note else ""))
+
+
+def bench_row(bf16, compile, flash, sec, flops, peak, warm, args, device, world):
+    """One --benchmark table row (BENCH_COLUMNS): `flops` per step of one process, `peak` in TFLOP/s."""
+    img_s = args.batch_size / world / sec  # per process
+    return [precision_name(bf16, device), "on" if compile else "off", " / ".join("yes" if f else "no" for f in flash),
+            f"{1000 * sec:.1f}", f"{img_s:.3g}", f"{img_s * world:.3g}", f"{100 * flops / sec / (peak * 1e12):.1f}% of {peak:.3g}",
+            f"{peak_memory_gib(device):.2f}", f"{warm:.1f}"]
+
+
+BENCH_COLUMNS = ["precision", "compile", "flash attention", "ms/step", "images/s per process", "images/s total",
+                 "MFU of peak TFLOP/s", "peak memory GiB", "warm-up s"]
+
+
 def table(header, rows):
     """A markdown table, printed by rank 0: it pastes into the README as it is."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

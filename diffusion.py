@@ -504,10 +504,7 @@ def benchmark(args, run):
     """--benchmark: train_step on synthetic latents (no data, no AE) in every mode this machine runs, then the
     sampler as sample.py runs it at 5 and 25 Euler steps with and without CFG, then the decoder on its own."""
     device, world = run["device"], run["world_size"]
-    if min(args.bench_steps, args.device_batch) < 1 or args.bench_warmup < 0:
-        raise SystemExit("--benchmark needs --bench-steps >= 1, --bench-warmup >= 0 and --device-batch >= 1")
-    args.batch_size = args.batch_size or args.device_batch * world
-    accum = data.grad_accum_steps(args.batch_size, args.device_batch, world)
+    accum = data.bench_plan(args, world)
     config = dict(in_channels=args.latent_channels, grid=args.grid, num_classes=1000, class_dropout=args.class_dropout,
                   mlp_ratio=4.0, pred=args.pred, **SIZES[args.size], **head_config(args))
     (T, C), heads, macs = (args.grid ** 2, args.latent_channels), config["num_heads"], forward_macs(config)
@@ -521,24 +518,18 @@ def benchmark(args, run):
         raw, ema, opt = build(config, args, device)
         model = wrap(raw, compile, run)
         if not rows:
-            data.print0(f"benchmark: DiT-{args.size} {config}, {sum(p.numel() for p in raw.parameters()):,} parameters, "
-                        f"{macs / 1e9:.2f} GMACs/image forward; synthetic latents {C} x {args.grid}x{args.grid} (the AE "
-                        f"encode and data loading are not timed); {world} process(es) x {args.device_batch} x {accum} "
-                        f"accumulation = {args.batch_size} images/step; {args.bench_warmup} warm-up steps dropped, "
-                        f"{args.bench_steps} timed\n{data.fast_paths(device, opt, run)}" + (f"\n{note}" if note else ""))
+            data.bench_header(f"DiT-{args.size} {config}, {sum(p.numel() for p in raw.parameters()):,} parameters, "
+                              f"{macs / 1e9:.2f} GMACs/image forward; synthetic latents {C} x {args.grid}x{args.grid} (the AE "
+                              f"encode and data loading are not timed)", args, accum, device, opt, run, note)
         peaks[bf16] = peaks.get(bf16) or data.peak_tflops(device, bf16)
         data.reset_peak_memory(device)
         warm, sec = data.time_steps(lambda i: train_step(model, raw, ema, opt, batches, i, args, run),
                                      args.bench_warmup, args.bench_steps, device)
-        img_s = args.batch_size / world / sec  # per process
         flash = data.flash_attention(device, torch.bfloat16 if bf16 else torch.float32, heads, T, config["width"] // heads)
-        rows.append([data.precision_name(bf16, device), "on" if compile else "off", "yes" if flash else "no",
-                     f"{1000 * sec:.1f}", f"{img_s:.3g}", f"{img_s * world:.3g}",
-                     f"{100 * 6 * macs * img_s / (peaks[bf16][0] * 1e12):.1f}% of {peaks[bf16][0]:.3g}",
-                     f"{data.peak_memory_gib(device):.2f}", f"{warm:.1f}"])
+        flops = 6 * macs * args.batch_size / world  # per step of one process: training = 3 forwards of 2 FLOPs per MAC
+        rows.append(data.bench_row(bf16, compile, [flash], sec, flops, peaks[bf16][0], warm, args, device, world))
         del raw, ema, opt, model
-    data.table(["precision", "compile", "flash attention", "ms/step", "images/s per process", "images/s total",
-                 "MFU of peak TFLOP/s", "peak memory GiB", "warm-up s"], rows)
+    data.table(data.BENCH_COLUMNS, rows)
     data.print0("MFU = 6 x forward MACs x images/s per process / peak (training = 3 forwards); peak: "
                 + "; ".join(f"{data.precision_name(k, device)} {v[0]:.3g} TFLOP/s ({v[1]})" for k, v in peaks.items()))
 
