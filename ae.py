@@ -670,11 +670,11 @@ def benchmark(args, ctx):
                 z = raw.encode(images)
                 speed = [args.device_batch / data.time_steps(lambda i: f(x), 1, args.bench_steps, device)[1]
                          for f, x in ((raw.encode, images), (raw.decode, z))]
-            inference.append([data.precision_name(bf16, device), *(f"{v:.3g}" for v in speed)])
+            inference.append([data.precision_name(bf16, device), *map(data.fmt, speed)])
         del nets, raw
     data.table([c + " (ViTs / decoder)" if c == "flash attention" else c for c in data.BENCH_COLUMNS], rows)
     data.print0("MFU = counted FLOPs per step / seconds per step / peak; peak: "
-                + "; ".join(f"{data.precision_name(k, device)} {v[0]:.3g} TFLOP/s ({v[1]})" for k, v in peaks.items())
+                + "; ".join(f"{data.precision_name(k, device)} {data.fmt(v[0])} TFLOP/s ({v[1]})" for k, v in peaks.items())
                 + f"\ninference (eval mode, batch {args.device_batch} per process):")
     data.table(["precision", "encode images/s per process", "decode images/s per process"], inference)
     data.cleanup()
@@ -800,7 +800,7 @@ def train(args, ckpt, ctx):
             mem = data.peak_memory_gib(device)
             skipped = int(train_set.skipped.item())
             print(f"step {step + 1} | l1 {log['l1']:.4f} | lpips {log['lpips']:.4f} | g {log['g']:.4f} | w {log['w']:.3g} | "
-                  f"d {log['d']:.4f} | psnr {log['psnr']:.2f} | {done * args.batch_size / dt:.3g} img/s | peak mem {mem:.2f} GB"
+                  f"d {log['d']:.4f} | psnr {log['psnr']:.2f} | {data.fmt(done * args.batch_size / dt)} img/s | peak mem {mem:.2f} GB"
                   + (f" | skipped files {skipped}" if skipped else ""), flush=True)
             done = 0
         if master and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

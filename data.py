@@ -766,11 +766,17 @@ def bench_header(what, args, accum, device, opt, run, note):
            f"{fast_paths(device, opt, run)}" + (f"\n{note}" if note else ""))
 
 
+def fmt(x):
+    """A rate for people and the tests' parsers: three significant digits, never exponent form (`:.3g` prints
+    1234 images/s as 1.23e+03)."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def bench_row(bf16, compile, flash, sec, flops, peak, warm, args, device, world):
     """One --benchmark table row (BENCH_COLUMNS): `flops` per step of one process, `peak` in TFLOP/s."""
     img_s = args.batch_size / world / sec  # per process
     return [precision_name(bf16, device), "on" if compile else "off", " / ".join("yes" if f else "no" for f in flash),
-            f"{1000 * sec:.1f}", f"{img_s:.3g}", f"{img_s * world:.3g}", f"{100 * flops / sec / (peak * 1e12):.1f}% of {peak:.3g}",
+            f"{1000 * sec:.1f}", fmt(img_s), fmt(img_s * world), f"{100 * flops / sec / (peak * 1e12):.1f}% of {fmt(peak)}",
             f"{peak_memory_gib(device):.2f}", f"{warm:.1f}"]
 
 

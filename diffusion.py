@@ -533,7 +533,7 @@ def benchmark(args, run):
         del raw, ema, opt, model
     data.table(data.BENCH_COLUMNS, rows)
     data.print0("MFU = 6 x forward MACs x images/s per process / peak (training = 3 forwards); peak: "
-                + "; ".join(f"{data.precision_name(k, device)} {v[0]:.3g} TFLOP/s ({v[1]})" for k, v in peaks.items()))
+                + "; ".join(f"{data.precision_name(k, device)} {data.fmt(v[0])} TFLOP/s ({v[1]})" for k, v in peaks.items()))
 
     # the sampler as sample.py runs it: fp32 without TF32 (RAE: sample in fp32), eager, CFG as one batch of 2B
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -546,7 +546,7 @@ def benchmark(args, run):
         for cfg in (1.0, PREVIEW_CFG):
             sec = data.time_steps(lambda i: sample(net, noise, labels, steps, SAMPLE_SHIFT, cfg), 0, 1, device)[1]
             rows.append([steps, "off" if cfg == 1 else f"{cfg:g}", args.device_batch * (1 if cfg == 1 else 2),
-                         f"{args.device_batch / sec:.3g}", f"{args.device_batch * world / sec:.3g}"])
+                         data.fmt(args.device_batch / sec), data.fmt(args.device_batch * world / sec)])
     data.print0(f"sampler (network only, fp32, batch {args.device_batch} per process, shift {SAMPLE_SHIFT}):")
     data.table(["Euler steps", "CFG", "batch per forward", "images/s per process", "images/s total"], rows)
     from ae import GROUP_CHANNELS, SIZES as AE_SIZES, build_decoder  # here, so that importing diffusion.py does not import timm
@@ -556,7 +556,7 @@ def benchmark(args, run):
     with torch.no_grad():
         sec = data.time_steps(lambda i: decoder(from_tokens(noise, args.grid)), 1, args.bench_steps, device)[1]
     data.print0(f"decode (ae.py's {preset} {d['decoder']} decoder, random weights, fp32, {args.grid}x{args.grid} -> {16 * args.grid} px): "
-                f"{args.device_batch / sec:.3g} images/s per process, {args.device_batch * world / sec:.3g} total")
+                f"{data.fmt(args.device_batch / sec)} images/s per process, {data.fmt(args.device_batch * world / sec)} total")
     data.cleanup()
 
 
@@ -715,7 +715,7 @@ def main():
     peak = args.peak_tflops or data.peak_tflops(device, args.bf16)[0]
     data.print0(f"config: {vars(args)}\nmodel {args.size}: {config}, {sum(p.numel() for p in raw.parameters()):,} "
                 f"parameters, {macs / 1e9:.2f} GMACs/image forward; {world} process(es) x {args.device_batch} x {accum} "
-                f"accumulation = {args.batch_size}; peak {peak:.3g} TFLOPs for MFU")
+                f"accumulation = {args.batch_size}; peak {data.fmt(peak)} TFLOPs for MFU")
     raw.train()
     t_log, step_log, loss_log = time.time(), step, torch.zeros((), device=device)
     while step < args.steps:

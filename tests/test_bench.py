@@ -97,3 +97,10 @@ def test_peak_memory_is_per_mode():
     del big
     data.reset_peak_memory(torch.device("cpu"))
     assert data.peak_memory_gib(torch.device("cpu")) < before - 0.4
+
+
+def test_rates_never_print_in_exponent_form():
+    """A fast machine decodes > 1,000 tiny images/s: `:.3g` printed that as 1.23e+03 and the log parsers missed it
+    (CI failure of stop 16). data.fmt keeps three significant digits without an exponent."""
+    assert [data.fmt(x) for x in (12345.6, 999.7, 100.2, 99.94, 1.234, 0.01234)] == \
+        ["12346", "1000", "100", "99.9", "1.23", "0.0123"]
