@@ -450,7 +450,8 @@ def evaluate(nets, images, step, args, history):
             l.append(lpips_net(y.clamp(-1, 1), x).flatten() if lpips_net else torch.full((len(x),), float("nan")))
         p, l = torch.cat(p).mean().item(), torch.cat(l).mean().item()
         history.append(dict(step=step, psnr=p, lpips=l))
-        print(f"eval step {step} | held-out psnr {p:.2f} dB | lpips {l:.4f}", flush=True)
+        shown = f"lpips {l:.4f}" if lpips_net else "no lpips (--perceptual-weight 0)"
+        print(f"eval step {step} | held-out psnr {p:.2f} dB | {shown}", flush=True)
     if sample_due:
         x, y = images[:8].cpu(), model(images[:8]).float().cpu().clamp(-1, 1)
         grid = torch.cat([torch.cat(list(x), -1), torch.cat(list(y), -1)], -2)

