@@ -91,7 +91,7 @@ def render_shape(label, size, rng):
     """One image: one light, upright shape of the class, near the centre, on a dark two-colour gradient.
 
     The class is most of what varies between images (27% of the pixel variance is between classes); with
-    random colours, positions, rotations and striped backgrounds it was 0.5%, and a tiny DiT trained on CPU
+    random colours, positions, rotations and striped backgrounds it was 0.4%, and a tiny DiT trained on CPU
     for minutes spent itself on the backgrounds (README, Results)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     c0, c1 = rng.uniform(0, 90, 3), rng.uniform(0, 90, 3)
