@@ -102,7 +102,7 @@ def render_shape(label, size, rng):
     r = size * rng.uniform(0.28, 0.36)
     cx, cy = size * (0.5 + rng.uniform(-0.08, 0.08, 2))
     fill = tuple(int(v) for v in rng.uniform(150, 255, 3))
-    hole = tuple(int(v) for v in back[min(int(cy), size - 1), min(int(cx), size - 1)])
+    hole = tuple(int(v) for v in back[int(cy), int(cx)])  # the centre is inside the image
     draw_shape(ImageDraw.Draw(img), label, cx, cy, r, -math.pi / 2 + rng.uniform(-0.35, 0.35), fill, hole)
     return img
 

@@ -419,7 +419,7 @@ def train_shapes_classifier(size, train_images, epochs, batch_size, lr, val_imag
 def shapes_fingerprint(size):
     """A hash of the first training image of each class: a cached classifier trained before the drawing of the
     built-in data changed no longer judges it, and is trained again."""
-    images = [data.to_uint8(data.Shapes("train", size)[i][0][None]).numpy().tobytes() for i in range(10)]
+    images = [data.to_uint8(data.Shapes("train", size)[i][0][None]).numpy().tobytes() for i in range(len(data.SHAPE_CLASSES))]
     return hashlib.sha256(b"".join(images)).hexdigest()[:16]
 
 
@@ -427,7 +427,8 @@ def load_shapes_classifier(path, size, device="cpu", **hyper):
     """The classifier for `size`-px built-in images at `path`; trained there once (by rank 0) when missing or when
     it was trained on an earlier drawing of the built-in data."""
     ckpt = data.load_checkpoint(path, "shapes classifier") if os.path.isfile(path) else None
-    stale = ckpt is not None and ckpt.get("image_size") == size and ckpt.get("data") != shapes_fingerprint(size)
+    drawing = shapes_fingerprint(size)  # ~10 ms: rendered once here, compared and stored below
+    stale = ckpt is not None and ckpt.get("image_size") == size and ckpt.get("data") != drawing
     if ckpt is None or stale:
         if rank_world()[0] == 0:
             why = "it was trained on an earlier drawing of the data" if stale else "once"
@@ -435,7 +436,7 @@ def load_shapes_classifier(path, size, device="cpu", **hyper):
             hyper = {**CLASSIFIER, **hyper}
             net, acc = train_shapes_classifier(size, **hyper)
             data.save_checkpoint(dict(model=net.state_dict(), image_size=size, val_accuracy=acc,
-                                      data=shapes_fingerprint(size), **hyper), path)
+                                      data=drawing, **hyper), path)
         if dist.is_initialized():
             dist.barrier()
         ckpt = data.load_checkpoint(path, "shapes classifier")
