@@ -605,6 +605,14 @@ def start_or_resume(path, resume, overwrite, kind, steps):
     return ckpt
 
 
+def lr_at(step, args):
+    """The lr of 0-based `step`: --lr, constant (the papers), except over the last --lr-decay fraction of --steps,
+    where it falls linearly towards 0 (ours, for short runs: the last updates at a small lr average out the noise of
+    the large ones). A function of the step alone, so a resumed run follows the same schedule."""
+    start = args.steps * (1 - args.lr_decay)
+    return args.lr if step < start else args.lr * (args.steps - step) / (args.steps - start)
+
+
 def stop_if_nonfinite(step, terms, path):
     """A diverged run (a loss term or the gradient norm NaN or inf) stops before its optimizer step, so the
     weights never turn non-finite and the checkpoint on disk stays the last good one. `terms` maps names to

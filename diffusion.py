@@ -45,11 +45,13 @@ PRESETS = {
     # same 44,800 images, batch 16 x 2,800 steps beat batch 64 x 700 (FID 378 vs 409, denoising error 9-20% lower at
     # every t), but on 2 CPU threads batch 16 trains at ~0.65x the images/s of 64, batch 32 at ~0.9x; 2,000 steps
     # fill the README run's 20-minute budget on a 2-core CPU (at 1,400 the loss was still falling: 0.57 -> 0.47 from
-    # step 600 to 1,400; --pred x and RAE's noise-augmented decoder did not raise the class accuracy of samples)
+    # step 600 to 1,400; --pred x and RAE's noise-augmented decoder did not raise the class accuracy of samples); the
+    # lr falls linearly to 0 over the last 30% (--lr-decay 0.3): at 2,000 steps the final loss went 0.433 -> 0.405
+    # and the class accuracy of 500 samples (25 Euler steps, CFG 4) 69.0% -> 72.0%
     "tiny": dict(steps=2000, batch_size=32, device_batch=32, lr=1e-3, ema_decay=0.995, log_every=100, sample_every=1000,
-                 ckpt_every=1000, shift=0.4, time_dist="uniform", pred="v", cache_latents=4_000),
+                 ckpt_every=1000, shift=0.4, time_dist="uniform", pred="v", cache_latents=4_000, lr_decay=0.3),
     "full": dict(steps=400_000, batch_size=256, device_batch=32, lr=1e-4, ema_decay=0.9999, log_every=100, sample_every=10_000,
-                 ckpt_every=10_000, shift=0.4, time_dist="uniform", pred="v", cache_latents=0),
+                 ckpt_every=10_000, shift=0.4, time_dist="uniform", pred="v", cache_latents=0, lr_decay=0.0),
 }
 # RAE's DDT head (--head dh): 2 blocks of width 2048, 16 heads, on every trunk size (its DiTDH-S and -XL configs:
 # hidden_size [384 | 1152, 2048], depth [12 | 28, 2], num_heads [6 | 16, 16]); tiny's is ours, ~2x its 392-d token
@@ -482,6 +484,8 @@ def train_step(model, raw, ema, opt, batches, step, args, run):
     x0_all = torch.randn(args.batch_size, T, C, generator=g, device=device)
     u_all = draw_u(args.batch_size, args.time_dist, g, device)
     drop_all = torch.rand(args.batch_size, generator=g, device=device) < raw.config["class_dropout"]
+    for group in opt.param_groups:
+        group["lr"] = data.lr_at(step, args)
     mean_loss = torch.zeros((), device=device)
     for m in range(accum):
         x1, labels = next(batches)
@@ -604,7 +608,9 @@ def parse_args():
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps ({preset_help('steps')})")
     p.add_argument("--batch-size", type=int, default=None, help=f"global batch ({preset_help('batch_size')})")
     p.add_argument("--device-batch", type=int, default=None, help="per-process micro-batch; accumulation is derived")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, constant ({preset_help('lr')})")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({preset_help('lr')}); see --lr-decay")
+    p.add_argument("--lr-decay", type=float, default=None, metavar="FRAC", help="fraction of --steps at the end over "
+                   f"which the lr falls linearly to 0 ({preset_help('lr_decay')}: SPEC 2 is constant)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SPEC 2: 0)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, as the paper)")
     p.add_argument("--shift", type=shift_arg, default=None, help="training time-warp shift (SPEC 2: 0.4; <= 0: no "
@@ -645,8 +651,8 @@ def parse_args():
     args = p.parse_args()
     data.check_args(args, at_least=dict(steps=1, batch_size=1, device_batch=1, log_every=1, ckpt_every=1, sample_every=0,
                                         num_workers=0, weight_decay=0, clip_grad=0, class_dropout=0, ema_decay=0,
-                                        cache_latents=0),
-                    at_most=dict(class_dropout=1, ema_decay=1), positive=("lr", "peak_tflops"))
+                                        cache_latents=0, lr_decay=0),
+                    at_most=dict(class_dropout=1, ema_decay=1, lr_decay=1), positive=("lr", "peak_tflops"))
     return args
 
 

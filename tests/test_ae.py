@@ -24,7 +24,8 @@ DINO = "vit_small_plus_patch16_dinov3_qkvb"
 SMALL = ("ae.py", "--size", "tiny", "--encoder-weights", "random", "--lpips-weights", "random", "--steps", "4",
          "--image-size", "32", "--batch-size", "2", "--device-batch", "1", "--disc-start", "2", "--eval-every", "2",
          "--eval-images", "2", "--stats-images", "2", "--num-workers", "0", "--log-every", "1", "--save-every", "2",
-         "--cache-features", "0")  # every batch through the frozen encoder, as the full preset (conftest's run caches)
+         "--lr-decay", "0.3", "--cache-features", "0")  # lr falling over the last 30% of the steps; every batch through
+# the frozen encoder, as the full preset (conftest's run caches)
 
 
 def images(n, size=64):
@@ -102,6 +103,9 @@ def test_killed_run_resumes_exactly(reference_run, tmp_path):
             assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
     for a, b in zip(reference_run["opt"]["state"].values(), resumed["opt"]["state"].values()):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    # the lr decay (last 30% of 4 steps: from step 2.8) reached the resumed run's last step too
+    lr = ae.SIZES["tiny"]["lr"] * (4 - 3) / (4 * 0.3)
+    assert reference_run["opt"]["param_groups"][0]["lr"] == resumed["opt"]["param_groups"][0]["lr"] == pytest.approx(lr)
 
 
 def test_cached_features_run_resumes_exactly(tmp_path):

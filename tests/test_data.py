@@ -151,6 +151,17 @@ def test_batch_split():
         data.derive_device_batch(6, 4, 8)
 
 
+def test_lr_schedule():
+    """Constant, then linear towards 0 over the last --lr-decay fraction of the steps; 0 keeps the papers' constant lr."""
+    import argparse
+    args = argparse.Namespace(lr=1.0, steps=10, lr_decay=0.4)
+    assert [data.lr_at(s, args) for s in range(10)] == pytest.approx([1] * 6 + [1, 0.75, 0.5, 0.25])
+    args.lr_decay = 0.0
+    assert [data.lr_at(s, args) for s in range(10)] == [1.0] * 10
+    args.lr_decay = 1.0
+    assert [data.lr_at(s, args) for s in range(10)] == pytest.approx([1 - s / 10 for s in range(10)])
+
+
 def test_checkpoint_atomic_roundtrip_and_errors(tmp_path):
     path = str(tmp_path / "ck" / "a.pt")
     data.save_checkpoint({"model": {"w": torch.ones(2)}, "step": 3, "config": {"a": [1, 2]}}, path)

@@ -460,13 +460,43 @@ def test_divergence_stops_and_a_new_run_never_replaces_a_checkpoint(tiny_ae_ckpt
 
 def test_lr_flag_applies_on_resume(tiny_ae_ckpt, tiny_dit_ckpt, tmp_path, monkeypatch, capsys):
     shutil.copy(tiny_dit_ckpt, tmp_path / "dit.pt")
-    assert load(tmp_path / "dit.pt")["opt"]["param_groups"][0]["lr"] == diffusion.PRESETS["tiny"]["lr"]
+    tiny = diffusion.PRESETS["tiny"]  # the fixture's 4 steps end inside the preset's lr decay
+    assert load(tmp_path / "dit.pt")["opt"]["param_groups"][0]["lr"] == pytest.approx(tiny["lr"] / (4 * tiny["lr_decay"]))
     log = main_run(monkeypatch, capsys, *TINY_DIT_FLAGS, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path),
-                   "--sample-every", "0", "--resume", "--steps", "5", "--lr", "3e-4")
+                   "--sample-every", "0", "--resume", "--steps", "5", "--lr", "3e-4", "--lr-decay", "0")
     assert "step 5 | loss" in log and "lr 3.00e-04" in log
     assert load(tmp_path / "dit.pt")["opt"]["param_groups"][0]["lr"] == 3e-4
     assert "--resume: " in main_error(monkeypatch, *TINY_DIT_FLAGS, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path),
                                       "--resume", "--steps", "5")  # already at step 5: nothing to do is an error
+
+
+def test_lr_decay_schedule_and_a_killed_run_resumes_on_it(tiny_ae_ckpt, tmp_path, monkeypatch, capsys):
+    """--lr-decay 0.5 of 4 steps: lr, lr, lr, lr / 2 (linear to 0 from step 2). A run killed after step 2 (an
+    exception in step 3) and resumed gives the same losses, learning rates and weights as the uninterrupted run."""
+    flags = ["--ae", tiny_ae_ckpt, "--steps", "4", "--batch-size", "2", "--lr-decay", "0.5", "--log-every", "1",
+             "--ckpt-every", "2", "--sample-every", "0", "--num-workers", "0", "--cache-latents", "8"]
+    lrs = lambda log: [float(v) for v in re.findall(r"\| lr ([\d.e+-]+) \|", log)]  # noqa: E731
+    whole = main_run(monkeypatch, capsys, *flags, "--out-dir", str(tmp_path / "whole"))
+    lr = diffusion.PRESETS["tiny"]["lr"]
+    assert lrs(whole) == [lr, lr, lr, lr / 2]
+    step = diffusion.train_step
+
+    def killed_in_step_3(*args):
+        if args[5] == 2:  # the 0-based step index
+            raise KeyboardInterrupt
+        return step(*args)
+    monkeypatch.setattr(diffusion, "train_step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main_run(monkeypatch, capsys, *flags, "--out-dir", str(tmp_path / "cut"))
+    first = capsys.readouterr().out
+    assert load(tmp_path / "cut" / "dit.pt")["step"] == 2
+    monkeypatch.setattr(diffusion, "train_step", step)
+    second = main_run(monkeypatch, capsys, *flags, "--out-dir", str(tmp_path / "cut"), "--resume")
+    assert {**losses(first), **losses(second)} == losses(whole) and lrs(first) + lrs(second) == lrs(whole)
+    a, b = load(tmp_path / "whole" / "dit.pt"), load(tmp_path / "cut" / "dit.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["opt"]["param_groups"] == b["opt"]["param_groups"]
 
 
 def test_resume_across_an_epoch_boundary_is_exact(tiny_ae_ckpt, tmp_path, monkeypatch, capsys):
