@@ -6,7 +6,7 @@ that sample.py and fid.py import from here.
 CPU, tiny (minutes):     python diffusion.py --size tiny                      (needs out/ae/ae.pt)
 one GPU:                 python diffusion.py --size XL --data /path/to/imagenet/train --ae out/ae/ae.pt
 8 GPUs (the paper's):    torchrun --nproc_per_node=8 diffusion.py --size XL --data /path/to/imagenet/train
-resume:                  python diffusion.py --size tiny --resume --steps 800
+resume:                  python diffusion.py --size tiny --resume           (a killed run, the same --steps)
 RAE's wide head:         python diffusion.py --size tiny --head dh             (DiT^DH, SPEC 8)
 official weights:        python diffusion.py --convert-official V1-SVG-XL-7000K-256x256.pt --ae AE.pt --out svg_xl.pt
 speed:                   python diffusion.py --size XL --benchmark            (synthetic latents; data.py)
@@ -611,7 +611,8 @@ def parse_args():
     p.add_argument("--device-batch", type=int, default=None, help="per-process micro-batch; accumulation is derived")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({preset_help('lr')}); see --lr-decay")
     p.add_argument("--lr-decay", type=float, default=None, metavar="FRAC", help="fraction of --steps at the end over "
-                   f"which the lr falls linearly to 0 ({preset_help('lr_decay')}: SPEC 2 is constant)")
+                   f"which the lr falls linearly to 0 ({preset_help('lr_decay')}: SPEC 2 is constant; a --resume "
+                   "with a larger --steps moves the decay to the new end)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SPEC 2: 0)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, as the paper)")
     p.add_argument("--shift", type=shift_arg, default=None, help="training time-warp shift (SPEC 2: 0.4; <= 0: no "
