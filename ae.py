@@ -46,13 +46,13 @@ SIZES = {
     # The full preset keeps the paper's conv decoder, L1 + LPIPS + GAN at lr 1e-4, and encodes every batch.
     "tiny": dict(image_size=64, depth=2, width=96, num_heads=4, decoder="vit", decoder_depth=2, decoder_width=256,
                  decoder_heads=4, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=0, cache_features=6_000,
-                 batch_size=32, device_batch=32, steps=2000, disc_start=2000, perceptual_weight=0.0, lr=5e-4, lr_decay=0.0,
+                 batch_size=32, device_batch=32, steps=2000, disc_start=2000, perceptual_weight=0.0, lr=5e-4,
                  log_every=100, eval_every=500, sample_every=500, save_every=500, eval_images=64, stats_images=1024),
     # the paper's (SPEC 1): residual ViT 6 x 384, 8 heads; decoder ch 128 x (1,1,2,2,4), 2 (+1) ResBlocks per level
     # --decoder vit: RAE's ViT-XL decoder (its default for ImageNet 256: width 1152, 28 blocks, 16 heads)
     "full": dict(image_size=256, depth=6, width=384, num_heads=8, decoder="conv", decoder_depth=28, decoder_width=1152,
                  decoder_heads=16, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, cache_features=0,
-                 batch_size=512, device_batch=32, steps=100_000, disc_start=2_500, perceptual_weight=1.0, lr=1e-4, lr_decay=0.0,
+                 batch_size=512, device_batch=32, steps=100_000, disc_start=2_500, perceptual_weight=1.0, lr=1e-4,
                  log_every=50, eval_every=5_000, sample_every=1_000, save_every=2_000, eval_images=1_000, stats_images=0),
 }
 RESIDUAL_DIM = 8  # channels of the residual branch (official extra_vit output_dim)
@@ -710,7 +710,7 @@ def parse_args():
     p.add_argument("--disc-start", type=int, default=None, help="iteration at which the GAN loss switches on")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate, AE and discriminator (preset: full 1e-4 as the paper, tiny 5e-4)")
-    p.add_argument("--lr-decay", type=float, default=None, metavar="FRAC", help="fraction of --steps at the end over "
+    p.add_argument("--lr-decay", type=float, default=0.0, metavar="FRAC", help="fraction of --steps at the end over "
                    "which the lr falls linearly to 0 (default 0: constant, the paper's)")
     p.add_argument("--image-size", type=int, default=None, help="training resolution (multiple of 16)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps in total")

@@ -608,7 +608,7 @@ def start_or_resume(path, resume, overwrite, kind, steps):
 def lr_at(step, args):
     """The lr of 0-based `step`: --lr, constant (the papers), except over the last --lr-decay fraction of --steps,
     where it falls linearly towards 0 (ours, for short runs: the last updates at a small lr average out the noise of
-    the large ones). A function of the step alone, so a resumed run follows the same schedule."""
+    the large ones). A function of the step and --steps only, so a resumed run follows the same schedule."""
     start = args.steps * (1 - args.lr_decay)
     return args.lr if step < start else args.lr * (args.steps - step) / (args.steps - start)
 
