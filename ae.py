@@ -59,6 +59,7 @@ RESIDUAL_DIM = 8  # channels of the residual branch (official extra_vit output_d
 ALIGN_MOMENTUM = 0.1  # running alignment statistics, updated once per optimizer step (BatchNorm's default)
 DISC_WEIGHT = 0.5  # adaptive GAN weight multiplier (SPEC 1, taming's disc_weight)
 GROUP_CHANNELS = 4  # decoder GroupNorm: at least 4 channels per group (Normalize); the full decoder stays GroupNorm(32, c)
+FEATURES_FILE = "features.pt"  # beside ae.pt: the frozen features of --cache-features, reused by diffusion.py
 CKPT_PARTS = dict(model="raw", disc="disc_raw", opt="opt", opt_disc="opt_d")  # checkpoint key -> its net in build()
 
 
@@ -469,8 +470,9 @@ def compute_latent_stats(model, dataset, num_images, batch, ctx):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch, num_workers=0)
     model.eval()
     s = torch.zeros(3, model.latent_channels, dtype=torch.float64, device=ctx["device"])
-    for x, _ in tqdm(loader, desc="latent statistics", disable=not ctx["master"]):
-        z = model.encode(x.to(ctx["device"])).double().transpose(0, 1).flatten(1)  # (C, B*h*w)
+    for x, *features, _ in tqdm(loader, desc="latent statistics", disable=not ctx["master"]):  # features: if cached
+        z = model.encode(x.to(ctx["device"]), *(f.to(ctx["device"]) for f in features))
+        z = z.double().transpose(0, 1).flatten(1)  # (C, B*h*w)
         s += torch.stack([torch.full_like(z[:, 0], z.shape[1]), z.sum(1), z.pow(2).sum(1)])
     if ctx["ddp"]:
         torch.distributed.all_reduce(s)
@@ -699,7 +701,7 @@ def parse_args():
     p.add_argument("--batch-stats", action="store_true", help="align with per-batch statistics in eval too (official)")
     p.add_argument("--cache-features", type=int, default=None, metavar="N",
                    help="train on the first N training images with the frozen encoder's features computed once, "
-                   "no flips (preset: tiny 6,000, full 0 = encode every batch)")
+                   "no flips, and save them beside ae.pt for diffusion.py (preset: tiny 6,000, full 0 = encode every batch)")
     p.add_argument("--decoder", default=None, choices=["conv", "vit"],
                    help="conv: SVG's LDM decoder (the paper's); vit: RAE's ViT decoder (preset: tiny vit, full conv)")
     p.add_argument("--decoder-noise", type=float, default=0.0, help="RAE noise augmentation: sigma ~ U(0, TAU) x std(z)")
@@ -783,7 +785,7 @@ def train(args, ckpt, ctx):
     val_images = torch.stack([val_set[i][0] for i in range(min(args.eval_images, len(val_set)))]).to(device)
     stream_set = train_set
     if args.cache_features:  # the frozen encoder once per image instead of once per step (see the tiny preset)
-        stream_set = data.encode_once(lambda x: (x, raw.frozen_features(x)), train_set, args.cache_features,
+        stream_set = data.encode_once(lambda x, _: (x, raw.frozen_features(x)), train_set, args.cache_features,
                                       args.device_batch, device, ctx, "frozen features")
     stream = data.RunOrder(stream_set, args.seed, start * args.batch_size, (args.steps - start) * args.batch_size, world,
                            args.device_batch)
@@ -816,10 +818,17 @@ def train(args, ckpt, ctx):
 
     if master:
         evaluate(nets, val_images, args.steps, args, history)
-    n = compute_latent_stats(raw, train_set, args.stats_images, args.device_batch, ctx)
+    # the statistics' images are the first of the training set, as are the cached ones: no need to encode them again
+    cached = args.cache_features and len(stream_set) >= args.stats_images > 0
+    n = compute_latent_stats(raw, stream_set if cached else train_set, args.stats_images, args.device_batch, ctx)
     if master:
         checkpoint(args.steps)
         print(f"final: step {args.steps}, latent statistics over {n} images, saved {path}", flush=True)
+        if args.cache_features:  # diffusion.py --cache-latents reads them instead of running the frozen encoder again
+            data.save_checkpoint(dict(features=stream_set.tensors[1], data=args.data, image_size=config["image_size"],
+                                      seed=args.seed), os.path.join(args.out_dir, FEATURES_FILE))
+            print(f"the frozen features of {len(stream_set)} images saved for diffusion.py: "
+                  f"{os.path.join(args.out_dir, FEATURES_FILE)}", flush=True)
 
 
 def main():

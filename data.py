@@ -402,20 +402,26 @@ def shard(num, batch_size, rank, world_size):
     return min(num, first * batch_size), min(num, last * batch_size)
 
 
-@torch.no_grad()
-def encode_once(fn, dataset, num, batch, device, run, desc):
-    """The first `num` training images through `fn` (images -> a tuple of tensors) once, in the held-out transform
-    (no flips), as a TensorDataset of fn's outputs and the labels: ae.py's --cache-features and diffusion.py's
-    --cache-latents, so that a CPU run does not pay for the frozen encoder on every step. Each process encodes a
-    share; all get the whole set in order."""
-    for attr in ("flip", "train"):  # Shapes flips; folders in train mode crop and flip at random
+def no_augment(dataset):
+    """The held-out transform on a training set: Shapes flips, folders in train mode crop and flip at random."""
+    for attr in ("flip", "train"):
         if hasattr(dataset, attr):
             setattr(dataset, attr, False)
-    num = min(num, len(dataset))
+    return dataset
+
+
+@torch.no_grad()
+def encode_once(fn, dataset, num, batch, device, run, desc):
+    """The first `num` training images through `fn` (images, their slice of indices -> a tuple of tensors) once, in
+    the held-out transform (no flips), as a TensorDataset of fn's outputs and the labels: ae.py's --cache-features and
+    diffusion.py's --cache-latents, so that a CPU run does not pay for the frozen encoder on every step. Each process
+    encodes a share; all get the whole set in order."""
+    num = min(num, len(no_augment(dataset)))
     start, stop = shard(num, batch, run["rank"], run["world_size"])
     loader = DataLoader(torch.utils.data.Subset(dataset, range(start, stop)), batch_size=batch,
                         num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)))
-    outs = [[*(t.float().cpu() for t in fn(images.to(device))), y] for images, y in tqdm(loader, desc=desc, disable=not run["master"])]
+    outs = [[*(t.float().cpu() for t in fn(images.to(device), slice(start + k * batch, start + k * batch + len(y)))), y]
+            for k, (images, y) in enumerate(tqdm(loader, desc=desc, disable=not run["master"]))]
     outs = [torch.cat(parts) for parts in zip(*outs)]
     if run["ddp"]:  # shares are cut at whole batches: gathering the padded shares and trimming restores the order
         sizes = [shard(num, batch, r, run["world_size"]) for r in range(run["world_size"])]

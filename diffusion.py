@@ -439,11 +439,45 @@ def ae_info(ae, path):
 
 
 @torch.no_grad()
-def encode_tokens(ae, images):
+def encode_tokens(ae, images, features=None):
     """Images (b, 3, H, W) -> the frozen AE's per-channel standardised latent tokens (b, T, C) (SPEC 1). In fp32 (TF32
     on GPU), never under autocast: the latent statistics were computed in fp32, the official code encodes in
-    fp32/TF32, and official channels with std 0.16 around mean 3.5 show bf16's rounding once standardised."""
-    return to_tokens(ae.standardize(ae.encode(images).float()))
+    fp32/TF32, and official channels with std 0.16 around mean 3.5 show bf16's rounding once standardised.
+    `features`: the frozen encoder's tokens of these images, when ae.py saved them (saved_features)."""
+    return to_tokens(ae.standardize(ae.encode(images, features).float()))
+
+
+def saved_features(ae, ae_path, dataset, num, device):
+    """The frozen encoder's features of the first `num` training images that ae.py --cache-features saved beside its
+    checkpoint, or None (announced) when there are none or they are not of these images and this encoder: checked
+    on the first and last 8 images, whose features are computed again. With them the latents cost only the residual
+    branch (the tiny run: 51 s of its 19 minutes were the frozen encoder on images that ae.py had encoded)."""
+    from ae import FEATURES_FILE
+    path = os.path.join(os.path.dirname(os.path.abspath(ae_path)), FEATURES_FILE)
+    if not os.path.isfile(path):
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    feats, num = saved["features"], min(num, len(data.no_augment(dataset)))
+    check = [*range(min(8, num)), *range(max(8, num - 8), num)]
+    if len(feats) < num:
+        why = f"it holds {len(feats)} images, --cache-latents asks for {num}"
+    else:
+        images = torch.stack([dataset[i][0] for i in check]).to(device)
+        diff = (ae.frozen_features(images).cpu() - feats[check]).abs().max().item()
+        why = f"not the features of these images by this encoder: they differ by up to {diff:.2g}" if diff > 1e-3 else ""
+    if why:
+        data.print0(f"not using {path} ({why}): encoding the images")
+        return None
+    data.print0(f"frozen features of the first {num} images from {path} (the first and last 8 checked: within {diff:.1g})")
+    return feats[:num]
+
+
+def cache_latents(ae, ae_path, dataset, num, batch, device, run):
+    """--cache-latents: the standardised latent tokens of the first `num` training images, computed once."""
+    feats = saved_features(ae, ae_path, dataset, num, device)
+    fn = lambda x, i: (encode_tokens(ae, x, None if feats is None else feats[i].to(device)),)  # noqa: E731
+    return data.encode_once(fn, dataset, num, batch, device, run,
+                            "encoding latents" if feats is None else "residual branch of the latents")
 
 
 def latent_batches(loader, ae, device):
@@ -623,7 +657,8 @@ def parse_args():
                    help="u before the time warp: uniform (SVG) or logit-normal (SD3, RAE)")
     p.add_argument("--pred", default=None, choices=["v", "x"], help="network output: velocity (SVG) or clean x (JiT)")
     p.add_argument("--cache-latents", type=int, default=None, metavar="N",
-                   help="encode N training images once and train on them (0: encode online, as official)")
+                   help="encode N training images once and train on them (0: encode online, as official); the "
+                   "frozen features that ae.py --cache-features saved beside --ae are reused when they are of these images")
     p.add_argument("--head", default="none", choices=["none", "dh"], help="none: SVG's final layer; dh: RAE's DDT head")
     p.add_argument("--head-depth", type=int, default=None, help="DDT head blocks (RAE: 2)")
     p.add_argument("--head-width", type=int, default=None, help=f"DDT head width, a multiple of {DH_HEAD_DIM} "
@@ -712,8 +747,7 @@ def main():
     if args.cache_latents:
         # the first N training images encoded once: on a CPU the frozen encoder costs more than a tiny DiT, so this is
         # several times faster; the price is a fixed set of N images
-        dataset = data.encode_once(lambda x: (encode_tokens(ae, x),), dataset, args.cache_latents, args.device_batch,
-                                   device, run, "encoding latents")
+        dataset = cache_latents(ae, args.ae, dataset, args.cache_latents, args.device_batch, device, run)
     # the data order is a function of (seed, position): a resume continues it exactly, 1 or N processes see the same
     stream = data.RunOrder(dataset, args.seed, step * args.batch_size, (args.steps - step) * args.batch_size, world,
                            args.device_batch)

@@ -523,11 +523,48 @@ def test_training_images_are_encoded_in_fp32(tiny_ae_ckpt, tmp_path, monkeypatch
     import ae
     calls, encode = [], ae.SVGAutoencoder.encode
 
-    def spy(self, images):
+    def spy(self, images, features=None):
         calls.append(torch.is_autocast_enabled("cpu"))
-        return encode(self, images)
+        return encode(self, images, features)
     monkeypatch.setattr(ae.SVGAutoencoder, "encode", spy)
     main_run(monkeypatch, capsys, "--ae", tiny_ae_ckpt, "--out-dir", str(tmp_path), "--bf16", "--steps", "1",
              "--batch-size", "1", "--device-batch", "1", "--sample-every", "0", "--num-workers", "0",
              "--cache-latents", "0")
     assert calls == [False]
+
+
+def test_latents_from_the_features_ae_py_saved(tiny_ae_ckpt, tmp_path, capsys):
+    """ae.py --cache-features saves the frozen features beside ae.pt (its latent statistics come from them too);
+    --cache-latents then runs only the residual branch and gets the latents that encoding the images gives. Features
+    of other images, or too few, are announced and not used."""
+    import ae as ae_py
+    folder, cpu = os.path.dirname(tiny_ae_ckpt), torch.device("cpu")
+    assert "frozen features of 32 images saved" in open(os.path.join(folder, "log.txt")).read()
+    model = diffusion.load_frozen_ae(tiny_ae_ckpt, cpu)
+    mean, std = model.latent_mean.clone(), model.latent_std.clone()
+    ae_py.compute_latent_stats(model, data.build_dataset("shapes", 64, "ae"), 32, 4, dict(rank=0, world_size=1,
+                               ddp=False, master=True, device=cpu))  # the same images, encoded from the pixels
+    model.eval()
+    torch.testing.assert_close((model.latent_mean, model.latent_std), (mean, std), rtol=1e-5, atol=1e-6)
+
+    def latents(ae_path, num=24):
+        capsys.readouterr()
+        cached = diffusion.cache_latents(model, ae_path, data.build_dataset("shapes", 64, "diffusion"), num, 8, cpu,
+                                         dict(rank=0, world_size=1, ddp=False, master=True))
+        return cached.tensors, capsys.readouterr().out
+    (reused, labels), log = latents(tiny_ae_ckpt)
+    assert "frozen features of the first 24 images from" in log
+    bare = tmp_path / "ae.pt"  # no features beside it: the images go through the frozen encoder
+    shutil.copy(tiny_ae_ckpt, bare)
+    (encoded, labels2), log = latents(str(bare))
+    assert "not using" not in log and "frozen features" not in log
+    torch.testing.assert_close(reused, encoded, rtol=1e-5, atol=1e-5)
+    assert torch.equal(labels, labels2) and reused.shape == (24, 16, model.latent_channels)
+
+    saved = torch.load(os.path.join(folder, ae_py.FEATURES_FILE))
+    torch.save(dict(saved, features=saved["features"].roll(1, 0)), tmp_path / ae_py.FEATURES_FILE)  # other images
+    (z, _), log = latents(str(bare))
+    assert "not the features of these images by this encoder" in log
+    torch.testing.assert_close(z, encoded, rtol=1e-5, atol=1e-5)
+    (z, _), log = latents(tiny_ae_ckpt, num=40)
+    assert "it holds 32 images, --cache-latents asks for 40" in log and len(z) == 40
