@@ -316,7 +316,7 @@ def choose_bf16(flag, device):
         return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'does not support'} bf16"
     if device.type == "cpu":
         if cpu_has_native_bf16():
-            return True, "the CPU has native bf16 matmuls (AVX512-BF16 or AMX)"
+            return True, "the CPU has native bf16 matmuls: AVX512-BF16 or AMX"
         return False, "the CPU has no native bf16 (no AVX512-BF16/AMX): emulated bf16 is 25-70x slower than fp32"
     return False, f"no bf16 autocast on {device.type}"
 

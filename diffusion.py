@@ -46,10 +46,10 @@ PRESETS = {
     # every t), but on 2 CPU threads batch 16 trains at ~0.65x the images/s of 64, batch 32 at ~0.9x; 2,800 steps
     # fill the README run's 20-minute budget on a 2-core CPU with a margin (the latents reuse the frozen features that
     # ae.py saved, which paid for 200 of them): steps were what raised the class accuracy of samples (1,400 -> 2,000
-    # -> 2,600 -> 2,800: 60% -> 69% -> 79% -> 80%), where --pred x, RAE's noise-augmented decoder, logit-normal t,
-    # lr 2e-3 and depth 6 for the same time (63%) did not; the lr falls linearly to 0 over the last 30%
-    # (--lr-decay 0.3): at 2,000 steps the final loss went 0.433 -> 0.405 and the class accuracy of 500 samples
-    # (25 Euler steps, CFG 4) 69.0% -> 72.0%
+    # -> 2,600 -> 2,800: 60% -> 69% -> 79% -> 80% at 25 Euler steps and CFG 4; 82% at the README's 5 steps and CFG 5),
+    # where --pred x, RAE's noise-augmented decoder, logit-normal t, lr 2e-3 and depth 6 for the same time (63%) did
+    # not; the lr falls linearly to 0 over the last 30% (--lr-decay 0.3): at 2,000 steps the final loss went
+    # 0.433 -> 0.405 and the class accuracy of 500 samples (25 Euler steps, CFG 4) 69.0% -> 72.0%
     "tiny": dict(steps=2800, batch_size=32, device_batch=32, lr=1e-3, ema_decay=0.995, log_every=100, sample_every=1000,
                  ckpt_every=1000, shift=0.4, time_dist="uniform", pred="v", cache_latents=4_000, lr_decay=0.3),
     "full": dict(steps=400_000, batch_size=256, device_batch=32, lr=1e-4, ema_decay=0.9999, log_every=100, sample_every=10_000,
