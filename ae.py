@@ -825,8 +825,7 @@ def train(args, ckpt, ctx):
         checkpoint(args.steps)
         print(f"final: step {args.steps}, latent statistics over {n} images, saved {path}", flush=True)
         if args.cache_features:  # diffusion.py --cache-latents reads them instead of running the frozen encoder again
-            data.save_checkpoint(dict(features=stream_set.tensors[1], data=args.data, image_size=config["image_size"],
-                                      seed=args.seed), os.path.join(args.out_dir, FEATURES_FILE))
+            data.save_checkpoint(dict(features=stream_set.tensors[1]), os.path.join(args.out_dir, FEATURES_FILE))
             print(f"the frozen features of {len(stream_set)} images saved for diffusion.py: "
                   f"{os.path.join(args.out_dir, FEATURES_FILE)}", flush=True)
 

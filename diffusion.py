@@ -457,8 +457,12 @@ def saved_features(ae, ae_path, dataset, num, device):
     path = os.path.join(os.path.dirname(os.path.abspath(ae_path)), FEATURES_FILE)
     if not os.path.isfile(path):
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    feats, num = saved["features"], min(num, len(data.no_augment(dataset)))
+    try:
+        feats = data.load_checkpoint(path, "frozen features")["features"]
+    except SystemExit as e:  # an unreadable file is not worth stopping the run for: the images are encoded instead
+        data.print0(f"{e}: encoding the images")
+        return None
+    num = min(num, len(data.no_augment(dataset)))
     check = [*range(min(8, num)), *range(max(8, num - 8), num)]
     if len(feats) < num:
         why = f"it holds {len(feats)} images, --cache-latents asks for {num}"

@@ -566,5 +566,10 @@ def test_latents_from_the_features_ae_py_saved(tiny_ae_ckpt, tmp_path, capsys):
     (z, _), log = latents(str(bare))
     assert "not the features of these images by this encoder" in log
     torch.testing.assert_close(z, encoded, rtol=1e-5, atol=1e-5)
+    with open(tmp_path / ae_py.FEATURES_FILE, "wb") as f:  # a truncated file
+        f.write(open(os.path.join(folder, ae_py.FEATURES_FILE), "rb").read()[:1000])
+    (z, _), log = latents(str(bare))
+    assert "cannot be read" in log and "encoding the images" in log
+    torch.testing.assert_close(z, encoded, rtol=1e-5, atol=1e-5)
     (z, _), log = latents(tiny_ae_ckpt, num=40)
     assert "it holds 32 images, --cache-latents asks for 40" in log and len(z) == 40
