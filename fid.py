@@ -383,6 +383,7 @@ def classify(net, images):
     return torch.cat([net(classifier_input(c).to(device)).argmax(1).cpu() for c in torch.as_tensor(images).split(500)]).numpy()
 
 
+@torch.enable_grad()  # `fid.py --ae` asks for it from inside its no_grad reconstruction loop
 def train_shapes_classifier(size, train_images, epochs, batch_size, lr, val_images, seed=0):
     """-> (CNN in eval mode, its accuracy on the first val_images of the val split). Seeded. Augmented with
     rotations by 90 degrees, flips and shifts: the judge asks which shape, not which pose, so a sample drawn

@@ -218,6 +218,16 @@ def test_stale_classifier_is_trained_again(classifier, tmp_path, capsys):
     assert "training" not in capsys.readouterr().out
 
 
+def test_classifier_is_trained_under_no_grad(tmp_path):
+    """`fid.py --ae` with no cached classifier trains it from inside its no_grad loop (it raised "element 0 of
+    tensors does not require grad" until the training switched gradients back on)."""
+    path = tmp_path / "c.pt"
+    with torch.no_grad():
+        fid.load_shapes_classifier(str(path), 64, train_images=64, epochs=1, val_images=20)
+        assert not torch.is_grad_enabled()  # the caller's mode is back
+    assert path.is_file()
+
+
 def test_class_accuracy_of_sample_npz(tiny_dit_ckpt, classifier, tmp_path):
     """sample.py's .npz of a DiT trained on the built-in data gets a class accuracy (here: held-out built-in
     images in place of samples, so it must be high; with the labels shifted by one class, low)."""
